@@ -1,0 +1,1 @@
+"""brainseg data package."""

@@ -1,0 +1,1 @@
+"""brainseg engine package."""

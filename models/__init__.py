@@ -1,0 +1,1 @@
+"""brainseg models package."""
