@@ -1,0 +1,85 @@
+"""Entry point: `python -m engine.main --flagfile=flags/unet.cfg` (absl flags -> Config -> mode)."""
+
+from __future__ import annotations
+
+import os
+import sys
+
+# Quiet TensorFlow's C++ start-up chatter; must be set before TensorFlow is imported.
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+
+from absl import app, flags  # noqa: E402
+
+from engine import flags as engine_flags  # noqa: E402
+from engine.config import ConfigError  # noqa: E402
+
+engine_flags.define_flags()
+FLAGS = flags.FLAGS
+
+
+def log(message: str) -> None:
+    print(message, flush=True)
+
+
+def fail(message: str, code: int) -> None:
+    print(f"error: {message}", file=sys.stderr, flush=True)
+    sys.exit(code)
+
+
+def parse_flags(argv: list[str]) -> list[str]:
+    """absl parsing with the project's one-line error and exit code 2 for a bad flag."""
+    try:
+        return FLAGS(argv)
+    except flags.Error as e:
+        fail(str(e), 2)
+
+
+def run(config) -> int:
+    """Resolves the device policy once, then dispatches on --mode."""
+    # Imported here so that --help and flag errors answer without loading TensorFlow.
+    from data.lgg import DataError
+    from engine import runtime as runtime_lib
+    from engine.checkpoint import CheckpointError
+    from engine.loop import NonFiniteLossError
+    from engine.rundir import RunDirError
+
+    rt = runtime_lib.resolve(
+        precision=config.precision, jit_compile=config.jit_compile, strategy=config.strategy,
+        batch_size=config.batch_size, threads=config.threads, deterministic=config.deterministic,
+        seed=config.seed, cpu_devices=config.cpu_devices)
+    log(f"brainseg {config.mode}: {rt.describe()}")
+    try:
+        if config.mode == "train":
+            from engine import loop
+            loop.train(config, rt, log=log)
+        elif config.mode == "evaluate":
+            from engine import evaluate
+            evaluate.run(config, rt, log=log)
+        elif config.mode == "predict":
+            from engine import predict
+            return predict.run(config, rt, log=log)
+        elif config.mode == "export":
+            from engine import export
+            export.run(config, rt, log=log)
+        elif config.mode == "benchmark":
+            from engine import benchmark
+            benchmark.run(config, rt, log=log)
+    except (DataError, RunDirError) as e:
+        fail(str(e), 2)
+    except (CheckpointError, NonFiniteLossError) as e:
+        fail(str(e), 1)
+    return 0
+
+
+def main(argv: list[str]) -> None:
+    if len(argv) > 1:
+        fail(f"unexpected arguments {argv[1:]}: every setting is a --flag (see --helpfull)", 2)
+    try:
+        config = engine_flags.config_from_flags(FLAGS)
+    except ConfigError as e:
+        fail(str(e), 2)
+    sys.exit(run(config))
+
+
+if __name__ == "__main__":
+    app.run(main, flags_parser=parse_flags)

@@ -1,0 +1,67 @@
+"""Shared test helpers: a small synthetic LGG folder per test session and tiny configs."""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import json
+import os
+import subprocess
+import sys
+import tempfile
+
+from engine.config import Config, validate
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+@functools.lru_cache(maxsize=None)
+def synthetic_dir(patients: int = 6, seed: int = 0) -> str:
+    """Writes a small synthetic kaggle_3m tree once per process and returns its parent folder."""
+    from data import synthetic
+
+    root = tempfile.mkdtemp(prefix=f"brainseg-syn{patients}-")
+    synthetic.write_dataset(root, patients=patients, seed=seed)
+    return root
+
+
+def tiny_config(run_dir: str, **overrides) -> Config:
+    """A few-thousand-parameter U-Net on 64x64 synthetic slices: seconds per epoch on a CPU."""
+    values = dict(
+        data_dir=synthetic_dir(), model_dir=str(run_dir), cache_dir=os.path.join(str(run_dir), "..", "cache"),
+        image_size=64, base_filters=4, depth=2, batch_size=8, epochs=2, learning_rate=3e-3,
+        log_every=5, num_overlays=4, progress=False, seed=1, precision="float32",
+        jit_compile="false", strategy="one_device", val_fraction=0.2, test_fraction=0.2,
+        plateau_patience=5, early_stopping_patience=10, min_lr=0.0)
+    values.update(overrides)
+    return validate(Config(**values))
+
+
+def config_flags(config: Config) -> list[str]:
+    """The command-line flags that reproduce a Config (for subprocess tests)."""
+    out = []
+    defaults = Config()
+    for field in dataclasses.fields(Config):
+        value = getattr(config, field.name)
+        if value != getattr(defaults, field.name):
+            if isinstance(value, bool):
+                out.append(f"--{field.name}" if value else f"--no{field.name}")
+            else:
+                out.append(f"--{field.name}={value}")
+    return out
+
+
+def run_engine(args: list[str], *, timeout: float = 300, env: dict | None = None,
+               check: bool = False) -> subprocess.CompletedProcess:
+    """Runs `python -m engine.main ARGS` in a subprocess from the repository root."""
+    full_env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2", **(env or {})}
+    proc = subprocess.run([sys.executable, "-m", "engine.main", *args], cwd=REPO, env=full_env,
+                          capture_output=True, text=True, timeout=timeout)
+    if check and proc.returncode != 0:
+        raise AssertionError(f"engine failed ({proc.returncode}):\n{proc.stdout}\n{proc.stderr}")
+    return proc
+
+
+def read_history(run_dir) -> list[dict]:
+    with open(os.path.join(str(run_dir), "history.jsonl")) as f:
+        return [json.loads(line) for line in f if line.strip()]

@@ -1,0 +1,75 @@
+"""tf.distribute on CPU: mirrored over 2 logical devices equals one device; multi-worker on loopback."""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from tests.helpers import REPO
+
+STEPS = 4
+
+
+def _worker(out, strategy, cpu_devices, per_replica_batch, env=None):
+    return subprocess.Popen(
+        [sys.executable, "-m", "tests.distributed_worker", str(out), strategy, str(cpu_devices),
+         str(per_replica_batch), str(STEPS)],
+        cwd=REPO, env={**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2", **(env or {})},
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def _finish(proc, timeout=240):
+    out, err = proc.communicate(timeout=timeout)
+    assert proc.returncode == 0, out + err
+    return out
+
+
+def _weights(npz):
+    return [npz[k] for k in sorted((k for k in npz.files if k.startswith("w")), key=lambda k: int(k[1:]))]
+
+
+def test_mirrored_over_two_cpu_devices_matches_one_device(tmp_path):
+    one = _worker(tmp_path / "one.npz", "one_device", 0, 8)
+    two = _worker(tmp_path / "two.npz", "mirrored", 2, 4)
+    _finish(one), _finish(two)
+    a, b = np.load(tmp_path / "one.npz"), np.load(tmp_path / "two.npz")
+    assert int(a["replicas"]) == 1 and int(b["replicas"]) == 2
+    assert int(a["step"]) == int(b["step"]) == STEPS
+    np.testing.assert_allclose(a["losses"], b["losses"], atol=1e-5, rtol=1e-5)
+    assert a["losses"][-1] != a["losses"][0]  # it trained
+    for wa, wb in zip(_weights(a), _weights(b)):
+        np.testing.assert_allclose(wa, wb, atol=1e-5, rtol=1e-4)
+
+
+def _free_ports(n):
+    socks = [socket.socket() for _ in range(n)]
+    for s in socks:
+        s.bind(("127.0.0.1", 0))
+    ports = [s.getsockname()[1] for s in socks]
+    for s in socks:
+        s.close()
+    return ports
+
+
+@pytest.mark.slow
+def test_two_multi_worker_processes_on_loopback_end_with_identical_weights(tmp_path):
+    workers = [f"127.0.0.1:{p}" for p in _free_ports(2)]
+    procs = []
+    for index in range(2):
+        tf_config = {"cluster": {"worker": workers}, "task": {"type": "worker", "index": index}}
+        procs.append(_worker(tmp_path / f"w{index}.npz", "multi_worker", 0, 4,
+                             env={"TF_CONFIG": json.dumps(tf_config)}))
+    for proc in procs:
+        _finish(proc)
+    a, b = np.load(tmp_path / "w0.npz"), np.load(tmp_path / "w1.npz")
+    assert int(a["replicas"]) == int(b["replicas"]) == 2
+    assert int(a["step"]) == int(b["step"]) == STEPS
+    for wa, wb in zip(_weights(a), _weights(b)):
+        np.testing.assert_array_equal(wa, wb)
+    assert np.isfinite(a["losses"]).all()

@@ -1,0 +1,58 @@
+"""Flag validation through the real entry point: one clear line naming the flag, exit code 2."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import pytest
+
+from engine.config import Config, ConfigError, validate
+from tests.helpers import run_engine
+
+
+@pytest.mark.parametrize("args, flag, words", [
+    (["--batch_size=-4"], "--batch_size", "positive"),
+    (["--precision=float8"], "--precision", "float8"),
+    (["--image_size=100", "--depth=4"], "--image_size", "divisible"),
+    (["--strategy=tpu"], "--strategy", "tpu"),
+    (["--mode=fly"], "--mode", "fly"),
+    (["--batch_size=abc"], "--batch_size", "abc"),
+])
+def test_bad_flag_values_give_one_line_and_exit_2(args, flag, words):
+    proc = run_engine(args, timeout=60)
+    assert proc.returncode == 2, proc.stderr
+    assert "Traceback" not in proc.stderr
+    lines = [line for line in proc.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1, proc.stderr
+    assert flag in lines[0] and words in lines[0]
+
+
+def test_a_data_dir_with_no_data_names_the_flag_and_where_it_looked(tmp_path):
+    empty = tmp_path / "nothing_here"
+    empty.mkdir()
+    proc = run_engine([f"--data_dir={empty}", f"--model_dir={tmp_path / 'run'}",
+                       "--image_size=64", "--base_filters=4", "--depth=2"], timeout=120)
+    assert proc.returncode == 2, proc.stdout + proc.stderr
+    assert "Traceback" not in proc.stderr
+    assert str(empty) in proc.stderr and "kaggle_3m" in proc.stderr
+
+
+def test_helpfull_documents_every_config_field():
+    proc = run_engine(["--helpfull"], timeout=60)
+    assert proc.returncode in (0, 1)  # absl exits 1 after printing help.
+    assert "Traceback" not in proc.stderr
+    for field in dataclasses.fields(Config):
+        assert f"--{field.name}" in proc.stdout or f"--[no]{field.name}" in proc.stdout, field.name
+
+
+def test_flagfile_comments_are_ignored_and_values_apply(tmp_path):
+    flagfile = tmp_path / "bad.cfg"
+    flagfile.write_text("# a comment line\n--batch_size=0\n")
+    proc = run_engine([f"--flagfile={flagfile}"], timeout=60)
+    assert proc.returncode == 2 and "--batch_size" in proc.stderr
+
+
+def test_validate_names_the_flag_for_fraction_sums():
+    with pytest.raises(ConfigError, match="--test_fraction"):
+        validate(Config(val_fraction=0.5, test_fraction=0.5))
+    assert validate(Config()).run_dir.endswith("default")

@@ -1,0 +1,94 @@
+"""Mixed precision on CPU: bfloat16 and float16 train; float16 really scales the loss and counts skips."""
+
+from __future__ import annotations
+
+import keras
+import numpy as np
+import pytest
+import tensorflow as tf
+
+from engine import build, steps as steps_lib
+from engine.config import Config
+from engine.runtime import Runtime, resolve_jit, resolve_precision
+
+
+@pytest.fixture
+def policy():
+    """Sets a global mixed-precision policy for one test and always puts float32 back."""
+    def set_policy(name):
+        keras.mixed_precision.set_global_policy(name)
+    yield set_policy
+    keras.mixed_precision.set_global_policy("float32")
+
+
+def _runtime(precision):
+    strategy = tf.distribute.OneDeviceStrategy("/cpu:0")
+    return Runtime(strategy=strategy, precision=precision, jit_compile=False, replicas=1,
+                   per_replica_batch=4, global_batch=4, device="CPU", gpus=(), intra_threads=0,
+                   inter_threads=0, is_chief=True, worker_index=0, num_workers=1,
+                   sync_batch_norm=False)
+
+
+def _batches(n):
+    rng = np.random.default_rng(0)
+    images = rng.random((n * 4, 32, 32, 3), np.float32)
+    masks = (images[..., 1:2] > 0.6).astype(np.float32)
+    ds = tf.data.Dataset.from_tensor_slices(
+        {"image": images, "mask": masks, "weight": np.ones(n * 4, np.float32)})
+    return ds.batch(4, drop_remainder=True).repeat()
+
+
+def _setup(precision, policy):
+    policy(precision)
+    config = Config(image_size=32, base_filters=4, depth=2, batch_size=4, learning_rate=1e-2,
+                    precision=precision)
+    rt = _runtime(precision)
+    state = build.build_train_state(config, rt)
+    return state, build.make_steps(config, rt, state)
+
+
+def test_auto_policy_is_decided_by_the_hardware():
+    assert resolve_precision("auto", has_gpu=True) == "mixed_float16"
+    assert resolve_precision("auto", has_gpu=False) == "float32"
+    assert resolve_precision("mixed_bfloat16", has_gpu=False) == "mixed_bfloat16"
+    assert resolve_jit("auto", has_gpu=True) is True
+    assert resolve_jit("auto", has_gpu=False) is False
+    assert resolve_jit("true", has_gpu=False) is True
+
+
+@pytest.mark.parametrize("precision", ["mixed_bfloat16", "mixed_float16"])
+def test_mixed_precision_trains_on_cpu_with_float32_logits(precision, policy):
+    state, steps = _setup(precision, policy)
+    compute = "bfloat16" if precision == "mixed_bfloat16" else "float16"
+    assert state.model.layers[1].compute_dtype == compute
+    assert state.model.output.dtype == "float32"
+    iterator = iter(_batches(2))
+    losses = [float(steps.train(iterator, tf.constant(5))["loss"]) / 5 for _ in range(6)]
+    assert np.all(np.isfinite(losses))
+    assert losses[-1] < losses[0]
+
+
+def test_float16_scales_the_loss_and_counts_skipped_steps(policy):
+    state, steps = _setup("mixed_float16", policy)
+    optimizer = state.optimizer
+    assert isinstance(optimizer, keras.optimizers.LossScaleOptimizer)
+    scale = float(steps_lib.loss_scale(optimizer))
+    assert scale > 1.0
+    loss = tf.constant(0.25)
+    assert float(optimizer.scale_loss(loss)) == pytest.approx(0.25 * scale)
+
+    iterator = iter(_batches(2))
+    out = steps.train(iterator, tf.constant(1))
+    assert float(out["skipped"]) == 0.0
+    # An absurd scale overflows float16 gradients: the step is skipped, counted,
+    # the weights stay, and the scale halves.
+    optimizer.dynamic_scale.assign(3e38)
+    before = [w.numpy().copy() for w in state.model.trainable_weights]
+    iterations = int(optimizer.iterations.numpy())
+    out = steps.train(iterator, tf.constant(1))
+    assert float(out["skipped"]) == 1.0 and float(out["nonfinite"]) == 0.0
+    assert int(optimizer.iterations.numpy()) == iterations
+    assert float(steps_lib.loss_scale(optimizer)) == pytest.approx(1.5e38, rel=1e-3)
+    for b, w in zip(before, state.model.trainable_weights):
+        np.testing.assert_array_equal(b, w.numpy())
+    assert int(state.step.numpy()) == 2  # The run's clock still advanced past the batch.
