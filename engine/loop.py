@@ -253,7 +253,7 @@ def train(config: Config, runtime: Runtime, *, log=logging.info) -> dict:
                     log(f"Plateau in {config.monitor}: learning rate {run_state['base_lr']:g} -> {new_lr:g}")
                     run_state["base_lr"] = new_lr
                     state.set_learning_rate(new_lr)
-                if stopper.update(monitored):
+                if stopper.update(monitored, epoch=epoch):
                     stop_reason = f"early stopping: no {config.monitor} improvement for {config.early_stopping_patience} evaluations"
                     run_state["stopped"] = stop_reason
             if len(val_overlay) and itstime(epoch, config.overlay_every, config.epochs):
