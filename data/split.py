@@ -1,0 +1,151 @@
+"""The patient-level train/val/test split and its split.json in the run directory."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import pathlib
+import tempfile
+
+import numpy as np
+from sklearn.model_selection import GroupShuffleSplit
+
+from data.lgg import DataError
+
+SPLITS = ("train", "val", "test")
+SPLIT_FILE = "split.json"
+# Re-draws allowed to find a split where every part has lesion-positive slices. Each draw comes from
+# one RandomState(seed), so the accepted split is still a pure function of the seed.
+MAX_DRAWS = 1000
+
+log = logging.getLogger(__name__)
+
+
+def _group_split(groups: np.ndarray, n_out: int, rng: np.random.RandomState) -> tuple[np.ndarray, np.ndarray]:
+    """Splits slice indices so that exactly n_out whole groups (patients) land in the second part."""
+    splitter = GroupShuffleSplit(n_splits=1, test_size=n_out, random_state=rng)
+    keep, out = next(splitter.split(np.zeros(len(groups)), groups=groups))
+    return keep, out
+
+
+def make_split(dataset, *, val_fraction: float = 0.15, test_fraction: float = 0.15,
+               seed: int = 0) -> dict[str, list[str]]:
+    """Splits the dataset's patients into train, val and test.
+
+    Patients, never slices, are split (scikit-learn GroupShuffleSplit with the patient as group):
+    neighbouring slices of one patient are nearly identical, so a slice-level split would leak test
+    anatomy into training. Each part gets round(fraction * patients) patients (at least one), and
+    draws are repeated from one RandomState(seed) until every part has lesion-positive slices.
+
+    Args:
+      dataset: an LggDataset (needs .records and .positive).
+      val_fraction: fraction of patients for validation, in (0, 1).
+      test_fraction: fraction of patients for test, in (0, 1); val + test < 1.
+      seed: the split seed; the same seed and dataset always give the same split.
+
+    Returns:
+      {"train": [...], "val": [...], "test": [...]}: sorted patient folder names, no overlap.
+
+    Raises:
+      ValueError: a fraction is out of range.
+      DataError: the split is impossible (too few patients, or fewer than 3 with lesions).
+    """
+    for name, value in (("val_fraction", val_fraction), ("test_fraction", test_fraction)):
+        if not 0.0 < value < 1.0:
+            raise ValueError(f"{name} must be in (0, 1), got {value}")
+    if val_fraction + test_fraction >= 1.0:
+        raise ValueError(f"val_fraction + test_fraction must be < 1, got {val_fraction} + {test_fraction}")
+    groups = np.array([r.patient for r in dataset.records])
+    patients = sorted(set(groups.tolist()))
+    with_lesions = sorted(set(groups[np.asarray(dataset.positive)].tolist()))
+    n = len(patients)
+    n_test = max(1, round(test_fraction * n))
+    n_val = max(1, round(val_fraction * n))
+    if n - n_test - n_val < 1:
+        raise DataError(f"cannot split {n} patients into train/val/test with val_fraction={val_fraction}"
+                        f" and test_fraction={test_fraction}: need at least 3 patients")
+    if len(with_lesions) < 3:
+        raise DataError(f"cannot give every split lesion-positive slices: only {len(with_lesions)} "
+                        f"patient(s) have lesions ({', '.join(with_lesions) or 'none'}); need at least 3")
+    positive = np.asarray(dataset.positive)
+    rng = np.random.RandomState(seed)
+    for _ in range(MAX_DRAWS):
+        rest, test = _group_split(groups, n_test, rng)
+        train, val = _group_split(groups[rest], n_val, rng)
+        parts = {"train": rest[train], "val": rest[val], "test": test}
+        if all(positive[idx].any() for idx in parts.values()):
+            return {k: sorted(set(groups[idx].tolist())) for k, idx in parts.items()}
+    raise DataError(f"no split of {n} patients ({len(with_lesions)} with lesions) with lesion-positive "
+                    f"slices in every part after {MAX_DRAWS} draws; lower val/test fractions or add data")
+
+
+def _write_json_atomic(path: pathlib.Path, obj) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=path.name + ".", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w") as f:
+            json.dump(obj, f, indent=1)
+            f.write("\n")
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        pathlib.Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def _read_split(path: pathlib.Path, dataset) -> dict[str, list[str]]:
+    try:
+        stored = json.loads(path.read_text())
+        split = {k: stored[k] for k in SPLITS}
+        if not all(isinstance(v, list) and all(isinstance(p, str) for p in v) for v in split.values()):
+            raise TypeError("each split must be a list of patient names")
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        raise DataError(f"{path}: unreadable split file ({type(e).__name__}: {e}); "
+                        "delete it to make a new split") from None
+    unknown = sorted({p for v in split.values() for p in v} - set(dataset.patients))
+    if unknown:
+        raise DataError(f"{path}: names {len(unknown)} patient(s) not in the dataset: "
+                        f"{', '.join(unknown)}; use the same --data_dir as the run, or a new run_dir")
+    seen: dict[str, str] = {}
+    for k in SPLITS:
+        for p in split[k]:
+            if p in seen:
+                raise DataError(f"{path}: patient {p} is in both {seen[p]} and {k}")
+            seen[p] = k
+    unused = len(dataset.patients) - len(seen)
+    if unused:
+        log.warning("%s: %d dataset patient(s) are in no split and will not be used", path, unused)
+    return {k: sorted(v) for k, v in split.items()}
+
+
+def load_or_make_split(run_dir, dataset, *, val_fraction: float, test_fraction: float,
+                       seed: int) -> dict[str, list[str]]:
+    """Reuses run_dir/split.json if present (so a resumed run keeps its split), else makes and writes it.
+
+    Args:
+      run_dir: the run directory.
+      dataset: the LggDataset.
+      val_fraction, test_fraction, seed: as in make_split; used only when there is no split.json.
+
+    Returns:
+      {"train": [...], "val": [...], "test": [...]} of sorted patient folder names.
+
+    Raises:
+      DataError: split.json is unreadable, names patients not in the dataset, or lists a patient
+        twice; or a new split is impossible (see make_split).
+    """
+    path = pathlib.Path(run_dir) / SPLIT_FILE
+    if path.exists():
+        split = _read_split(path, dataset)
+        stored = json.loads(path.read_text())
+        requested = {"seed": seed, "val_fraction": val_fraction, "test_fraction": test_fraction}
+        if any(k in stored and stored[k] != v for k, v in requested.items()):
+            log.warning("%s was made with %s; reusing it although %s was requested", path,
+                        {k: stored.get(k) for k in requested}, requested)
+        return split
+    split = make_split(dataset, val_fraction=val_fraction, test_fraction=test_fraction, seed=seed)
+    _write_json_atomic(path, {"seed": seed, "val_fraction": val_fraction,
+                              "test_fraction": test_fraction, **split})
+    return split
