@@ -1,0 +1,557 @@
+"""A hand-written checkpoint manager: atomic saves, verified restores, keeping the latest and the best."""
+
+from __future__ import annotations
+
+import dataclasses
+import errno
+import hashlib
+import json
+import logging
+import math
+import os
+import re
+import shutil
+
+import tensorflow as tf
+
+# Layout of a checkpoint directory, `<directory>/ckpt-<step:09d>/`:
+#   ckpt.index, ckpt.data-*   what tf.train.Checkpoint.write(<dir>/ckpt) writes
+#   state.json                step, epoch, metrics, run state, and the size and
+#                             sha256 of every file above, with a checksum of itself
+# Each checkpoint directory therefore verifies on its own. <directory>/manifest.json
+# is an index of them (the same hashes, plus the monitor and the best), rewritten
+# after every save and rebuilt from the state.json files when it is missing,
+# unreadable or stale; nothing is ever trusted because the manifest says so.
+PREFIX = "ckpt"
+STATE_FILE = "state.json"
+MANIFEST_FILE = "manifest.json"
+CHECKPOINTS_SUBDIR = "checkpoints"  # <run_dir>/checkpoints, where the training loop keeps them
+FORMAT = 1
+_CKPT_DIR = re.compile(r"^ckpt-(\d+)$")
+# Temporary names, all dot-prefixed so they are never mistaken for checkpoints:
+#   .tmp-*  a save (or an atomic JSON write) in progress: removed after a crash
+#   .old-*  a checkpoint moved aside while one of the same step replaces it:
+#           put back after a crash if the replacement never arrived
+#   .del-*  a checkpoint being deleted by retention: removed after a crash
+_TMP, _OLD, _DEL = ".tmp-", ".old-", ".del-"
+
+
+class CheckpointError(Exception):
+    """A user-facing checkpoint problem. Its message names the path and what is wrong."""
+
+
+@dataclasses.dataclass(frozen=True)
+class CheckpointInfo:
+    """One checkpoint on disk, as its state.json describes it."""
+
+    name: str  # "ckpt-000001200"
+    path: str  # absolute path of the checkpoint directory
+    step: int
+    epoch: int
+    metrics: dict  # {"val_loss": 0.12, ...}; empty for mid-epoch saves
+    state: dict  # JSON-able run state: policies, data order, best metric, ...
+
+
+class CheckpointManager:
+    """Saves, verifies, restores and prunes the checkpoints of one run directory.
+
+    One process writes a directory at a time: `remove_temporaries` treats every
+    temporary name in it as left behind by a crash.
+    """
+
+    def __init__(self, *, directory: str, keep: int = 3, monitor: str = "val_loss",
+                 mode: str = "min", log=logging.info):
+        """Creates nothing on disk, so it can also point at another run's checkpoints.
+
+        Args:
+          directory: where the `ckpt-*` directories and manifest.json live.
+          keep: how many of the latest checkpoints to keep, besides the best.
+          monitor: the metric that picks the best checkpoint, e.g. "val_loss".
+          mode: "min" or "max": whether a lower or a higher `monitor` is better.
+          log: called with one user-facing line per event worth reporting.
+
+        Raises:
+          ValueError: `keep` is below 1 or `mode` is neither "min" nor "max".
+        """
+        if keep < 1:
+            raise ValueError(f"keep={keep}: at least the latest checkpoint must be kept (keep >= 1)")
+        if mode not in ("min", "max"):
+            raise ValueError(f"mode={mode!r}: expected 'min' or 'max'")
+        self.directory = directory
+        self.keep = keep
+        self.monitor = monitor
+        self.mode = mode
+        self._log = log
+
+    # -- Reading -----------------------------------------------------------------
+
+    def entries(self) -> list[CheckpointInfo]:
+        """Checkpoints whose state.json is intact, oldest first (their data is not hashed here)."""
+        infos = []
+        for _, path in _checkpoint_dirs(self.directory):
+            try:
+                infos.append(_info(path, _read_record(path)))
+            except CheckpointError:
+                continue  # restore_latest and find_checkpoint report it by name.
+        return infos
+
+    def latest(self) -> CheckpointInfo | None:
+        """The checkpoint with the highest step, or None."""
+        infos = self.entries()
+        return infos[-1] if infos else None
+
+    def best(self) -> CheckpointInfo | None:
+        """The checkpoint with the best finite `monitor` (the earliest on ties), or None."""
+        return _best(self.entries(), self.monitor, self.mode)
+
+    def verify(self, info_or_path: CheckpointInfo | str) -> CheckpointInfo:
+        """Checks that every file of a checkpoint is present, of its saved size and sha256.
+
+        Raises:
+          CheckpointError: naming the checkpoint and the first file that does not match.
+        """
+        return verify(info_or_path)
+
+    # -- Writing -----------------------------------------------------------------
+
+    def remove_temporaries(self) -> list[str]:
+        """Cleans up after a crash: call once at start, before `restore_latest`.
+
+        Removes partial saves and half-done deletions, puts back a checkpoint
+        that a crashed same-step replacement had moved aside, and rewrites a
+        missing or stale manifest.
+
+        Returns:
+          The paths removed.
+
+        Raises:
+          CheckpointError: the directory cannot be cleaned (e.g. it is read-only).
+        """
+        if not os.path.isdir(self.directory):
+            return []
+        removed = []
+        try:
+            for name in sorted(os.listdir(self.directory)):
+                path = os.path.join(self.directory, name)
+                if name.startswith(_OLD):
+                    final = os.path.join(self.directory, name[len(_OLD):].rsplit("-", 1)[0])
+                    if not os.path.exists(final):
+                        os.rename(path, final)
+                        _fsync_dir(self.directory)
+                        self._log(f"Put back checkpoint {final}: a save of the same step crashed "
+                                  f"before replacing it")
+                        continue
+                if name.startswith((_TMP, _OLD, _DEL)):
+                    if os.path.isdir(path):
+                        shutil.rmtree(path)
+                    else:
+                        os.remove(path)
+                    removed.append(path)
+            self._refresh_manifest()
+        except OSError as e:
+            raise CheckpointError(f"Could not clean up {self.directory}: {_reason(e)}") from e
+        return removed
+
+    def save(self, checkpoint: tf.train.Checkpoint, *, step: int, epoch: int,
+             metrics: dict[str, float], state: dict) -> CheckpointInfo:
+        """Writes a checkpoint atomically, updates the manifest, then applies retention.
+
+        The variables are written into `.tmp-ckpt-<step>-<pid>/`, every file and
+        the directory are fsynced, and the directory is renamed into place, so a
+        `ckpt-*` directory is always complete. A checkpoint of the same step is
+        replaced, not skipped: the second save of a step (an epoch-end save after
+        a `--checkpoint_every_steps` save, say) carries newer metrics and policy
+        state. The old one is moved aside until the new one is in place.
+
+        Args:
+          checkpoint: the variables to save (model, optimizer, step, ...).
+          step: the run's global step; it names the checkpoint.
+          epoch: the epoch to record with it.
+          metrics: the metrics of this save, {} for a mid-epoch save.
+          state: JSON-able run state restored with it (policies, data order, ...).
+
+        Returns:
+          The saved checkpoint.
+
+        Raises:
+          CheckpointError: the directory is unwritable or the disk is full. A
+            partial save is removed and earlier checkpoints stay as they were.
+          TypeError: `state` is not JSON-serialisable.
+        """
+        step, epoch = int(step), int(epoch)
+        if step < 0 or epoch < 0:
+            raise ValueError(f"step={step}, epoch={epoch}: both must be >= 0")
+        record = {"format": FORMAT, "step": step, "epoch": epoch,
+                  "metrics": {str(k): float(v) for k, v in metrics.items()},
+                  "state": _jsonable(state, f"state of checkpoint step {step}")}
+        name = f"{PREFIX}-{step:09d}"
+        final = os.path.join(self.directory, name)
+        tmp = os.path.join(self.directory, f"{_TMP}{name}-{os.getpid()}")
+        old = os.path.join(self.directory, f"{_OLD}{name}-{os.getpid()}")
+        try:
+            _make_dirs(self.directory)
+            if os.path.exists(tmp):
+                shutil.rmtree(tmp)
+            os.mkdir(tmp)
+            checkpoint.write(os.path.join(tmp, PREFIX))
+            # Hashing reads the files back while they are still in the page
+            # cache; the same open file is then fsynced.
+            record["files"] = {f: _hash_file(os.path.join(tmp, f), fsync=True)
+                               for f in sorted(os.listdir(tmp))}
+            record["checksum"] = _checksum(record)
+            _write_json(os.path.join(tmp, STATE_FILE), record)
+            _fsync_dir(tmp)
+            if os.path.exists(final):
+                os.rename(final, old)
+            os.rename(tmp, final)
+            _fsync_dir(self.directory)
+        except BaseException as e:
+            shutil.rmtree(tmp, ignore_errors=True)
+            if os.path.isdir(old) and not os.path.exists(final):
+                try:
+                    os.rename(old, final)
+                except OSError:
+                    pass  # remove_temporaries puts it back on the next start.
+            if isinstance(e, (OSError, tf.errors.OpError)):
+                raise CheckpointError(
+                    f"Could not save checkpoint {name} in {self.directory}: {_reason(e)}. "
+                    f"The partial save was removed; earlier checkpoints are intact.") from e
+            raise
+        shutil.rmtree(old, ignore_errors=True)
+        info = _info(final, record)
+
+        infos = self.entries()
+        best = _best(infos, self.monitor, self.mode)
+        kept = {i.name for i in infos[-self.keep:]} | {info.name} | ({best.name} if best else set())
+        try:
+            self._write_manifest([i for i in infos if i.name in kept])
+        except OSError as e:
+            raise CheckpointError(
+                f"Saved checkpoint {final}, but could not update "
+                f"{os.path.join(self.directory, MANIFEST_FILE)}: {_reason(e)}") from e
+        # Only now, with the new checkpoint and manifest on disk, delete the rest.
+        for doomed in infos:
+            if doomed.name not in kept:
+                self._delete(doomed)
+        return info
+
+    # -- Restoring ---------------------------------------------------------------
+
+    def restore_latest(self, checkpoint: tf.train.Checkpoint) -> CheckpointInfo | None:
+        """Restores the newest checkpoint that verifies, reporting each one skipped.
+
+        Returns:
+          The restored checkpoint, or None when the directory holds none.
+
+        Raises:
+          CheckpointError: there are checkpoints but none verifies, or the one
+            that verifies does not fit `checkpoint` (another model shape).
+        """
+        dirs = _checkpoint_dirs(self.directory)
+        problems = []
+        for _, path in reversed(dirs):
+            try:
+                info = verify(path)
+            except CheckpointError as e:
+                problems.append(str(e))
+                self._log(f"Skipping a damaged checkpoint: {e}; falling back to the one before it")
+                continue
+            return restore(checkpoint, info)
+        if problems:
+            raise CheckpointError(
+                f"None of the {len(dirs)} checkpoints in {self.directory} verifies:\n  "
+                + "\n  ".join(problems)
+                + "\nMove them away (or pass --overwrite) to start afresh.")
+        return None
+
+    def restore(self, checkpoint: tf.train.Checkpoint, info_or_path: CheckpointInfo | str, *,
+                partial: bool = False) -> CheckpointInfo:
+        """Verifies one checkpoint, then reads it into `checkpoint`.
+
+        Args:
+          checkpoint: the objects to restore into.
+          info_or_path: a CheckpointInfo, a checkpoint directory, or anything
+            `find_checkpoint` accepts.
+          partial: True to restore only what `checkpoint` holds (e.g. a warm
+            start of the model weights); False also requires every variable
+            that `checkpoint` holds to be found in the checkpoint.
+
+        Returns:
+          The restored checkpoint.
+
+        Raises:
+          CheckpointError: it does not verify or does not fit `checkpoint`.
+        """
+        return restore(checkpoint, info_or_path, partial=partial)
+
+    # -- Internals ---------------------------------------------------------------
+
+    def _manifest_payload(self, infos: list[CheckpointInfo]) -> dict:
+        entries = []
+        for info in infos:
+            files = dict(_read_record(info.path)["files"])
+            files[STATE_FILE] = _hash_file(os.path.join(info.path, STATE_FILE))
+            entries.append({"name": info.name, "step": info.step, "epoch": info.epoch,
+                            "metrics": info.metrics, "files": files})
+        best = _best(infos, self.monitor, self.mode)
+        return {"format": FORMAT, "monitor": self.monitor, "mode": self.mode,
+                "best": best.name if best else None,
+                "latest": infos[-1].name if infos else None, "checkpoints": entries}
+
+    def _write_manifest(self, infos: list[CheckpointInfo]) -> None:
+        _write_json_atomic(os.path.join(self.directory, MANIFEST_FILE), self._manifest_payload(infos))
+
+    def _refresh_manifest(self) -> None:
+        """Rewrites the manifest if it does not describe the checkpoint directories."""
+        path = os.path.join(self.directory, MANIFEST_FILE)
+        try:
+            with open(path) as f:
+                current = json.load(f)
+        except (OSError, ValueError):
+            current = None
+        infos = self.entries()
+        if current == self._manifest_payload(infos) or (current is None and not infos):
+            return
+        self._log(f"{path} is {'missing or unreadable' if current is None else 'out of date'}: "
+                  f"rebuilding it from the checkpoints' {STATE_FILE} files")
+        self._write_manifest(infos)
+
+    def _delete(self, info: CheckpointInfo) -> None:
+        # Renamed away first, so a crash mid-delete never leaves a half-deleted ckpt-*.
+        doomed = os.path.join(self.directory, f"{_DEL}{info.name}-{os.getpid()}")
+        try:
+            os.rename(info.path, doomed)
+            shutil.rmtree(doomed)
+        except OSError as e:
+            self._log(f"Could not delete the old checkpoint {info.path}: {_reason(e)}")
+
+
+def verify(info_or_path: CheckpointInfo | str) -> CheckpointInfo:
+    """Checks that every file of one checkpoint is present, of its saved size and sha256.
+
+    Args:
+      info_or_path: a CheckpointInfo or a checkpoint directory.
+
+    Returns:
+      The checkpoint, as its (intact) state.json describes it.
+
+    Raises:
+      CheckpointError: naming the checkpoint and the first file that does not match.
+    """
+    path = info_or_path.path if isinstance(info_or_path, CheckpointInfo) else str(info_or_path)
+    record = _read_record(path)
+    for name, saved in record["files"].items():
+        file_path = os.path.join(path, name)
+        try:
+            size = os.path.getsize(file_path)
+        except OSError as e:
+            raise CheckpointError(f"checkpoint {path} is incomplete: {name}: {_reason(e)}") from None
+        if size != saved["size"]:
+            how = "truncated" if size < saved["size"] else "grown"
+            raise CheckpointError(f"checkpoint {path} is corrupt: {name} is {size} bytes, "
+                                  f"{saved['size']} were saved ({how})")
+        if _hash_file(file_path)["sha256"] != saved["sha256"]:
+            raise CheckpointError(f"checkpoint {path} is corrupt: the content of {name} does not "
+                                  f"match the sha256 recorded when it was saved")
+    return _info(path, record)
+
+
+def restore(checkpoint: tf.train.Checkpoint, info_or_path: CheckpointInfo | str, *,
+            partial: bool = False) -> CheckpointInfo:
+    """Verifies one checkpoint, then reads it into `checkpoint` (see CheckpointManager.restore)."""
+    if isinstance(info_or_path, CheckpointInfo) or _is_checkpoint_dir(str(info_or_path)):
+        info = verify(info_or_path)
+    else:
+        info = find_checkpoint(str(info_or_path))
+    try:
+        status = checkpoint.read(os.path.join(info.path, PREFIX))
+        if partial:
+            status.expect_partial()
+        else:
+            status.assert_existing_objects_matched()
+    except (ValueError, AssertionError, tf.errors.OpError) as e:
+        reason = e.message if isinstance(e, tf.errors.OpError) else str(e)
+        raise CheckpointError(f"checkpoint {info.path} does not fit this model: "
+                              f"{reason.strip().splitlines()[0]}") from None
+    return info
+
+
+def find_checkpoint(path: str, *, monitor: str | None = None, mode: str | None = None,
+                    log=logging.info) -> CheckpointInfo:
+    """The checkpoint that --restore_from or --checkpoint names, verified.
+
+    Args:
+      path: a run directory, its checkpoints directory, or one checkpoint directory.
+      monitor: the metric that picks the best; defaults to the one in manifest.json.
+      mode: "min" or "max" for `monitor`; defaults to the one in manifest.json.
+      log: called for each damaged checkpoint skipped.
+
+    Returns:
+      The best checkpoint when one has the monitored metric, else the latest;
+      if that one does not verify, the newest other one that does.
+
+    Raises:
+      CheckpointError: `path` holds no checkpoint, or none of them verifies.
+    """
+    if not os.path.exists(path):
+        raise CheckpointError(f"{path} does not exist: expected a run directory, its "
+                              f"'{CHECKPOINTS_SUBDIR}' folder or one {PREFIX}-* checkpoint folder")
+    if _is_checkpoint_dir(path):
+        return verify(path)
+    directory = os.path.join(path, CHECKPOINTS_SUBDIR)
+    if not os.path.isdir(directory):
+        directory = path
+    dirs = _checkpoint_dirs(directory)
+    if not dirs:
+        raise CheckpointError(f"{path} holds no checkpoints (looked for {PREFIX}-* folders in {directory})")
+    try:
+        with open(os.path.join(directory, MANIFEST_FILE)) as f:
+            manifest = json.load(f)
+        monitor, mode = monitor or manifest["monitor"], mode or manifest["mode"]
+    except (OSError, ValueError, KeyError, TypeError):
+        pass  # Without a monitor there is no best: the latest will do.
+    infos = CheckpointManager(directory=directory).entries()
+    best = _best(infos, monitor, mode or "min") if monitor else None
+    candidates = ([best.path] if best else []) + [p for _, p in reversed(dirs) if not best or p != best.path]
+    problems = []
+    for candidate in candidates:
+        try:
+            return verify(candidate)
+        except CheckpointError as e:
+            problems.append(str(e))
+            log(f"Skipping a damaged checkpoint: {e}")
+    raise CheckpointError(f"No checkpoint in {directory} verifies:\n  " + "\n  ".join(problems))
+
+
+# -- Helpers -------------------------------------------------------------------
+
+def _checkpoint_dirs(directory: str) -> list[tuple[int, str]]:
+    """(step, path) of every ckpt-* directory, by step."""
+    try:
+        names = os.listdir(directory)
+    except (FileNotFoundError, NotADirectoryError):
+        return []
+    found = [(int(m.group(1)), os.path.join(os.path.abspath(directory), n))
+             for n in names if (m := _CKPT_DIR.match(n))]
+    return sorted(p for p in found if os.path.isdir(p[1]))
+
+
+def _is_checkpoint_dir(path: str) -> bool:
+    """One checkpoint (rather than a folder of them): it has a state.json or a ckpt-* name."""
+    return (os.path.isfile(os.path.join(path, STATE_FILE))
+            or bool(_CKPT_DIR.match(os.path.basename(os.path.normpath(path)))))
+
+
+def _read_record(path: str) -> dict:
+    """A checkpoint's state.json, checked against its own checksum and its directory name."""
+    state_path = os.path.join(path, STATE_FILE)
+    try:
+        with open(state_path) as f:
+            record = json.load(f)
+    except FileNotFoundError:
+        raise CheckpointError(f"checkpoint {path} is incomplete: {STATE_FILE} is missing") from None
+    except (OSError, ValueError) as e:
+        raise CheckpointError(f"checkpoint {path} is corrupt: {STATE_FILE} is unreadable ({e})") from None
+    if not isinstance(record, dict) or record.get("checksum") != _checksum(record):
+        raise CheckpointError(f"checkpoint {path} is corrupt: {STATE_FILE} does not match its checksum")
+    match = _CKPT_DIR.match(os.path.basename(os.path.normpath(path)))
+    if match and int(match.group(1)) != record["step"]:
+        raise CheckpointError(f"checkpoint {path} holds step {record['step']}, not the step in its name")
+    return record
+
+
+def _info(path: str, record: dict) -> CheckpointInfo:
+    path = os.path.abspath(path)
+    return CheckpointInfo(name=os.path.basename(path), path=path, step=record["step"],
+                          epoch=record["epoch"], metrics=record["metrics"], state=record["state"])
+
+
+def _best(infos: list[CheckpointInfo], monitor: str, mode: str) -> CheckpointInfo | None:
+    best, best_value = None, None
+    for info in infos:
+        value = info.metrics.get(monitor)
+        if value is None or not math.isfinite(value):
+            continue
+        # Strictly better only, so the first of equal values stays the best.
+        if best is None or (value < best_value if mode == "min" else value > best_value):
+            best, best_value = info, value
+    return best
+
+
+def _checksum(record: dict) -> str:
+    body = {k: v for k, v in record.items() if k != "checksum"}
+    return hashlib.sha256(json.dumps(body, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
+
+
+def _jsonable(value, what: str):
+    """`value` round-tripped through JSON, so what is saved is exactly what a restore returns."""
+    def scalar(o):  # numpy scalars (e.g. a policy's float32 best) become Python numbers.
+        if getattr(o, "ndim", None) == 0 and hasattr(o, "item"):
+            return o.item()
+        raise TypeError(f"{type(o).__name__} {o!r}")
+    try:
+        return json.loads(json.dumps(value, default=scalar))
+    except (TypeError, ValueError) as e:
+        raise TypeError(f"The {what} is not JSON-serialisable: {e}") from None
+
+
+def _hash_file(path: str, *, fsync: bool = False) -> dict:
+    """Size and sha256 of a file, streamed; optionally fsyncs it through the same descriptor."""
+    with open(path, "rb") as f:
+        digest = hashlib.file_digest(f, "sha256").hexdigest()
+        if fsync:
+            os.fsync(f.fileno())
+        return {"size": os.fstat(f.fileno()).st_size, "sha256": digest}
+
+
+def _write_json(path: str, payload) -> None:
+    with open(path, "w") as f:
+        json.dump(payload, f, indent=1, sort_keys=True)
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def _write_json_atomic(path: str, payload) -> None:
+    directory, name = os.path.split(path)
+    tmp = os.path.join(directory, f"{_TMP}{name}-{os.getpid()}")
+    try:
+        _write_json(tmp, payload)
+        os.replace(tmp, path)
+        _fsync_dir(directory)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise
+
+
+def _fsync_dir(path: str) -> None:
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _make_dirs(path: str) -> None:
+    """makedirs, making each new directory's entry durable in its parent."""
+    if os.path.isdir(path):
+        return
+    if os.path.exists(path):
+        raise NotADirectoryError(errno.ENOTDIR, os.strerror(errno.ENOTDIR), path)
+    parent = os.path.dirname(os.path.abspath(path))
+    _make_dirs(parent)
+    try:
+        os.mkdir(path)
+    except FileExistsError:  # Made by someone else meanwhile.
+        if not os.path.isdir(path):
+            raise
+    _fsync_dir(parent)
+
+
+def _reason(e: BaseException) -> str:
+    """The OS's words for an OSError or a TensorFlow I/O error, without TF's op decorations."""
+    if isinstance(e, OSError) and e.strerror:
+        return f"{e.strerror} ({e.filename})" if e.filename else e.strerror
+    text = e.message if isinstance(e, tf.errors.OpError) else str(e)
+    text = re.sub(r"\{\{.*?\}\}\s*", "", text)
+    return re.sub(r"\s*\[Op:\w+\]", "", text).strip()
