@@ -1,0 +1,137 @@
+"""`--mode=export`: a SavedModel whose signature maps uint8 256x256x3 slices to probability maps.
+
+The serving function is the engine's own inference core (engine.predict.probabilities):
+data.pipeline.preprocess, the model, a float32 sigmoid, flip averaging if --tta,
+and a bilinear resize back to 256x256, all inside the graph. So a client needs
+nothing but TensorFlow:
+
+    serve = tf.saved_model.load("logs/demo/saved_model").signatures["serving_default"]
+    probs = serve(images=tf.constant(uint8_batch))["probabilities"]  # float32 [B,256,256,1]
+    masks = probs[..., 0].numpy() > 0.5
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shutil
+import tempfile
+
+import numpy as np
+import tensorflow as tf
+
+from engine import build, rundir
+from engine.config import Config
+from engine.predict import THRESHOLD, Predictor, model_image_size, probabilities
+from engine.rundir import RunDirError
+from engine.runtime import Runtime
+
+SERVING_SIZE = 256  # the Kaggle LGG slice size
+SIGNATURE = "serving_default"
+INPUT_NAME = "images"
+OUTPUT_NAME = "probabilities"
+METADATA_FILE = "brainseg_export.json"
+# Largest difference between the reloaded SavedModel and the engine tolerated by the self-check.
+TOLERANCE = 1e-4
+
+
+class ServingModule(tf.Module):
+    """Holds the model's variables and the one serving function."""
+
+    def __init__(self, model, *, image_size: int, tta: bool):
+        super().__init__(name="brainseg")
+        self.model = model
+        self._image_size = image_size
+        self._tta = tta
+        self.serve = tf.function(
+            self._serve,
+            input_signature=[tf.TensorSpec([None, SERVING_SIZE, SERVING_SIZE, 3], tf.uint8,
+                                           name=INPUT_NAME)])
+
+    def _serve(self, images):
+        return {OUTPUT_NAME: probabilities(self.model, images, image_size=self._image_size,
+                                           tta=self._tta)}
+
+
+def export_saved_model(model, export_dir: str, *, image_size: int, tta: bool = False,
+                       metadata: dict | None = None) -> str:
+    """Writes the SavedModel, replacing a previous export in one rename.
+
+    Args:
+      model: the trained Keras model (logits out).
+      export_dir: destination folder.
+      image_size: the model's input size.
+      tta: bake flip averaging into the serving function.
+      metadata: extra facts written to brainseg_export.json beside the SavedModel.
+
+    Returns:
+      export_dir.
+
+    Raises:
+      RunDirError: export_dir exists and is not a SavedModel (it is never deleted).
+    """
+    export_dir = os.path.abspath(export_dir)
+    if os.path.exists(export_dir) and not os.path.exists(os.path.join(export_dir, "saved_model.pb")):
+        if not os.path.isdir(export_dir) or os.listdir(export_dir):
+            raise RunDirError(f"--export_dir={export_dir} exists and is not a SavedModel; "
+                              f"refusing to replace it (choose another --export_dir)")
+    parent = os.path.dirname(export_dir)
+    os.makedirs(parent, exist_ok=True)
+    tmp = tempfile.mkdtemp(prefix=".tmp-export-", dir=parent)
+    try:
+        module = ServingModule(model, image_size=image_size, tta=tta)
+        tf.saved_model.save(module, tmp, signatures={SIGNATURE: module.serve})
+        with open(os.path.join(tmp, METADATA_FILE), "w") as f:
+            json.dump({"signature": SIGNATURE, "input": {INPUT_NAME: f"uint8 [batch, {SERVING_SIZE}, "
+                                                                     f"{SERVING_SIZE}, 3]"},
+                       "output": {OUTPUT_NAME: f"float32 [batch, {SERVING_SIZE}, {SERVING_SIZE}, 1]"},
+                       "model_image_size": image_size, "tta": tta, "threshold": THRESHOLD,
+                       "tensorflow": tf.__version__, **(metadata or {})}, f, indent=2, sort_keys=True)
+        old = None
+        if os.path.exists(export_dir):
+            old = tempfile.mkdtemp(prefix=".old-export-", dir=parent)
+            os.replace(export_dir, os.path.join(old, "saved_model"))
+        os.replace(tmp, export_dir)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    if old:
+        shutil.rmtree(old, ignore_errors=True)
+    return export_dir
+
+
+def check_export(export_dir: str, predictor: Predictor, *, seed: int = 0) -> float:
+    """Reloads the SavedModel and returns its largest difference from the engine on random slices."""
+    serve = tf.saved_model.load(export_dir).signatures[SIGNATURE]
+    images = np.random.default_rng(seed).integers(0, 256, (2, SERVING_SIZE, SERVING_SIZE, 3), np.uint8)
+    exported = serve(**{INPUT_NAME: tf.constant(images)})[OUTPUT_NAME].numpy()[..., 0]
+    return float(np.abs(exported - predictor(images, batch_size=len(images))).max())
+
+
+def run(config: Config, runtime: Runtime | None = None, *, log=logging.info) -> str:
+    """Exports the run's model (or --checkpoint) to --export_dir, default <run_dir>/saved_model.
+
+    Returns:
+      The export directory.
+
+    Raises:
+      CheckpointError: no model where the flags point.
+      RunDirError: --export_dir holds something that is not a SavedModel, or the
+        reloaded export disagrees with the engine.
+    """
+    model = build.load_trained_model(config, runtime, log=log)
+    image_size = model_image_size(model, config.image_size)
+    export_dir = config.export_dir or os.path.join(config.run_dir, "saved_model")
+    source = config.checkpoint or os.path.join(config.run_dir, build.FINAL_MODEL)
+    export_saved_model(model, export_dir, image_size=image_size, tta=config.tta,
+                       metadata={"source": source, "brainseg": rundir.PROJECT_VERSION})
+    difference = check_export(export_dir, Predictor(model, image_size=image_size, tta=config.tta))
+    if not difference <= TOLERANCE:
+        raise RunDirError(f"{export_dir}: the reloaded SavedModel differs from the engine by "
+                          f"{difference:.3g} (> {TOLERANCE}); the export is not trustworthy")
+    log(f"Exported {source} to {export_dir}: signature '{SIGNATURE}' takes {INPUT_NAME}: uint8 "
+        f"[batch, {SERVING_SIZE}, {SERVING_SIZE}, 3] and returns {OUTPUT_NAME}: float32 "
+        f"[batch, {SERVING_SIZE}, {SERVING_SIZE}, 1] (model input {image_size}, tta "
+        f"{'on' if config.tta else 'off'}); reload check: max difference {difference:.2g}")
+    return export_dir
