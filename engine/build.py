@@ -109,23 +109,22 @@ def load_trained_model(config: Config, runtime: Runtime | None = None, log=loggi
     Raises:
       CheckpointError: nothing loadable where the flags point.
     """
-    from engine.checkpoint import CheckpointError, CheckpointManager, find_checkpoint
+    from engine import checkpoint as checkpoint_lib
 
     if config.checkpoint:
-        info = find_checkpoint(config.checkpoint)
         model = build_model(config)
-        manager = CheckpointManager(directory=os.path.dirname(info.path))
-        manager.restore(tf.train.Checkpoint(model=model), info, partial=True)
+        info = checkpoint_lib.restore(tf.train.Checkpoint(model=model), config.checkpoint,
+                                      partial=True)
         log(f"Model weights from checkpoint {info.path}")
         return model
     path = os.path.join(config.run_dir, FINAL_MODEL)
     if not os.path.exists(path):
-        raise CheckpointError(
+        raise checkpoint_lib.CheckpointError(
             f"{path} does not exist: train first (--mode=train with the same --run_name/--model_dir), "
             f"or name a checkpoint with --checkpoint")
     try:
         model = keras.models.load_model(path, compile=False)
     except Exception as e:  # A damaged file: name it rather than show Keras' internals.
-        raise CheckpointError(f"{path} could not be loaded ({type(e).__name__}: {e})") from None
+        raise checkpoint_lib.CheckpointError(f"{path} could not be loaded ({type(e).__name__}: {e})") from None
     log(f"Model from {path}")
     return model

@@ -8,7 +8,7 @@ import sys
 # Quiet TensorFlow's C++ start-up chatter; must be set before TensorFlow is imported.
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
-from absl import app, flags  # noqa: E402
+from absl import app, flags, logging as absl_logging  # noqa: E402
 
 from engine import flags as engine_flags  # noqa: E402
 from engine.config import ConfigError  # noqa: E402
@@ -68,10 +68,14 @@ def run(config) -> int:
         fail(str(e), 2)
     except (CheckpointError, NonFiniteLossError) as e:
         fail(str(e), 1)
+    except OSError as e:  # A full or read-only disk outside the checkpoint manager.
+        fail(f"cannot write {e.filename or 'the run directory'}: {e.strerror or e}", 1)
     return 0
 
 
 def main(argv: list[str]) -> None:
+    # TensorFlow and Keras log routine INFO lines through absl; the engine prints its own.
+    absl_logging.set_verbosity(absl_logging.WARNING)
     if len(argv) > 1:
         fail(f"unexpected arguments {argv[1:]}: every setting is a --flag (see --helpfull)", 2)
     try:

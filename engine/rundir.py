@@ -18,7 +18,8 @@ CONFIG_FILE = "config.json"
 HISTORY_FILE = "history.jsonl"
 # What --overwrite removes: the products of a previous run, never anything else.
 RUN_PRODUCTS = ("checkpoints", "split.json", HISTORY_FILE, CONFIG_FILE, "final_model.keras",
-                "train", "val", "events")
+                "saved_model", "benchmark.json")
+RUN_PRODUCT_PREFIXES = ("events.out.tfevents", "eval_", "per_patient_")
 
 
 class RunDirError(Exception):
@@ -65,7 +66,7 @@ def prepare(config: Config, *, log) -> str:
             elif os.path.exists(target):
                 os.remove(target)
         for name in os.listdir(run_dir):
-            if name.startswith("events.out.tfevents"):
+            if name.startswith(RUN_PRODUCT_PREFIXES) and os.path.isfile(os.path.join(run_dir, name)):
                 os.remove(os.path.join(run_dir, name))
     elif os.path.exists(path):
         try:

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
+import errno
+
 import numpy as np
 import tensorflow as tf
 from tensorboard.plugins.hparams import api as hparams_api
@@ -50,13 +53,27 @@ class SummaryWriter:
     """Turns nested metric dicts into TensorBoard tags; the only writer of a run."""
 
     def __init__(self, logdir: str | None):
+        self._logdir = logdir
         self._writer = tf.summary.create_file_writer(logdir) if logdir else None
+
+    @contextlib.contextmanager
+    def _writing(self, step: int | None = None):
+        """Turns TensorFlow's I/O errors (a full or read-only disk) into an OSError naming the folder."""
+        try:
+            if step is None:
+                yield
+            else:
+                with self._writer.as_default(step=step):
+                    yield
+        except tf.errors.OpError as e:
+            reason = e.message.strip().splitlines()[0].split("; ")[-1]
+            raise OSError(errno.EIO, f"TensorBoard events: {reason}", self._logdir) from None
 
     def scalars(self, step: int, metrics: dict[str, dict[str, float]]) -> None:
         """Writes {"train": {"loss": 0.3}} as the tag train/loss."""
         if self._writer is None:
             return
-        with self._writer.as_default(step=step):
+        with self._writing(step):
             for group, values in metrics.items():
                 for name, value in values.items():
                     tf.summary.scalar(f"{group}/{name}", float(value))
@@ -64,28 +81,30 @@ class SummaryWriter:
     def images(self, step: int, tag: str, images: np.ndarray, max_outputs: int = 32) -> None:
         if self._writer is None:
             return
-        with self._writer.as_default(step=step):
+        with self._writing(step):
             tf.summary.image(tag, images, max_outputs=max_outputs)
 
     def text(self, step: int, tag: str, text: str) -> None:
         if self._writer is None:
             return
-        with self._writer.as_default(step=step):
+        with self._writing(step):
             tf.summary.text(tag, text)
 
     def hparams(self, step: int, hparams: dict, metrics: dict[str, float]) -> None:
         """Records the run's hyperparameters and final metrics for the HParams tab."""
         if self._writer is None:
             return
-        with self._writer.as_default(step=step):
+        with self._writing(step):
             hparams_api.hparams(hparams)
             for name, value in metrics.items():
                 tf.summary.scalar(name, float(value))
 
     def flush(self) -> None:
         if self._writer is not None:
-            self._writer.flush()
+            with self._writing():
+                self._writer.flush()
 
     def close(self) -> None:
         if self._writer is not None:
-            self._writer.close()
+            with self._writing():
+                self._writer.close()

@@ -28,8 +28,9 @@ def synthetic_dir(patients: int = 6, seed: int = 0) -> str:
 def tiny_config(run_dir: str, **overrides) -> Config:
     """A few-thousand-parameter U-Net on 64x64 synthetic slices: seconds per epoch on a CPU."""
     values = dict(
-        data_dir=synthetic_dir(), model_dir=str(run_dir), cache_dir=os.path.join(str(run_dir), "..", "cache"),
-        image_size=64, base_filters=4, depth=2, batch_size=8, epochs=2, learning_rate=3e-3,
+        data_dir=overrides.pop("data_dir", None) or synthetic_dir(), model_dir=str(run_dir), cache_dir=os.path.join(str(run_dir), "..", "cache"),
+        image_size=64, base_filters=4, depth=2, batch_size=8, epochs=2, learning_rate=1e-2,
+        positive_fraction=0.5,
         log_every=5, num_overlays=4, progress=False, seed=1, precision="float32",
         jit_compile="false", strategy="one_device", val_fraction=0.2, test_fraction=0.2,
         plateau_patience=5, early_stopping_patience=10, min_lr=0.0)
