@@ -112,7 +112,7 @@ def train(config: Config, runtime: Runtime, *, log=logging.info) -> dict:
     run_dir = rundir.prepare(config, log=log) if runtime.is_chief else tempfile.mkdtemp()
     dataset = build.load_dataset(config, log=log)
     split = split_lib.load_or_make_split(
-        config.run_dir, dataset, val_fraction=config.val_fraction,
+        run_dir, dataset, val_fraction=config.val_fraction,
         test_fraction=config.test_fraction, seed=config.seed)
     train_set, val_set = dataset.subset(split["train"]), dataset.subset(split["val"])
     log(f"Split: {len(split['train'])} train / {len(split['val'])} val / "
