@@ -34,8 +34,8 @@ class Runtime:
             f"device={self.device} precision={self.precision} jit_compile={self.jit_compile} "
             f"strategy={type(self.strategy).__name__} replicas={self.replicas} "
             f"workers={self.num_workers} batch={self.per_replica_batch}/replica "
-            f"global_batch={self.global_batch} threads(intra={self.intra_threads}, "
-            f"inter={self.inter_threads})"
+            f"global_batch={self.global_batch} threads(intra={self.intra_threads or 'all cores'}, "
+            f"inter={self.inter_threads or 'auto'})"
         )
 
 
