@@ -100,7 +100,10 @@ def build_unet(*, image_size: int, base_filters: int = 64, depth: int = 4, dropo
         x = keras.layers.Conv2D(filters, 3, padding="same", use_bias=not batch_norm,
                                 name=f"{prefix}_conv2")(x)
         if batch_norm:
-            x = keras.layers.BatchNormalization(synchronized=sync_batch_norm,
+            # momentum 0.9 (PyTorch's 0.1): Keras' 0.99 leaves the moving statistics
+            # lagging the weights for hundreds of steps, so evaluation-mode
+            # predictions swing while training-mode Dice is already high.
+            x = keras.layers.BatchNormalization(momentum=0.9, synchronized=sync_batch_norm,
                                                 name=f"{prefix}_bn")(x)
         return keras.layers.ReLU(name=f"{prefix}_relu")(x)
 
