@@ -189,10 +189,7 @@ def pipeline_datasets(config: Config, runtime: Runtime, eval_batch: int, *, log)
         from data.lgg import DataError
         raise DataError(f"{config.data_dir} has {len(data.records)} slices, fewer than one global "
                         f"batch of {runtime.global_batch}; lower --batch_size or add patients")
-    augment = pipeline.Augment(
-        rotation_deg=config.rotation_deg, shift=config.shift, shear=config.shear, zoom=config.zoom,
-        hflip=config.hflip, vflip=config.vflip, brightness=config.brightness,
-        contrast=config.contrast, gamma=config.gamma) if config.augment else None
+    augment = build.augment_from_config(config)
 
     def train_ds() -> tf.data.Dataset:
         # Epoch 0 repeated: the same work per batch as any epoch, and identical for engine and fit.

@@ -10,7 +10,7 @@ import keras
 import tensorflow as tf
 
 from data import dataset as lgg_dataset
-from data import lgg, synthetic
+from data import lgg, pipeline, synthetic
 from engine import steps as steps_lib
 from engine.config import Config
 from engine.runtime import Runtime
@@ -36,6 +36,16 @@ def load_dataset(config: Config, log=logging.info) -> lgg_dataset.LggDataset:
     cache_dir = config.cache_dir or lgg_dataset.default_cache_dir()
     return lgg_dataset.load(config.data_dir, skip_bad_slices=config.skip_bad_slices,
                             cache_dir=cache_dir, log=log)
+
+
+def augment_from_config(config: Config) -> pipeline.Augment | None:
+    """The training augmentation the flags ask for (None with --noaugment)."""
+    if not config.augment:
+        return None
+    return pipeline.Augment(
+        rotation_deg=config.rotation_deg, shift=config.shift, shear=config.shear,
+        zoom=config.zoom, hflip=config.hflip, vflip=config.vflip,
+        brightness=config.brightness, contrast=config.contrast, gamma=config.gamma)
 
 
 def build_model(config: Config, runtime: Runtime | None = None) -> keras.Model:

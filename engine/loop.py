@@ -184,7 +184,7 @@ def train(config: Config, runtime: Runtime, *, log=logging.info) -> dict:
             ds = pipeline.train_dataset(
                 train_set.images, train_set.masks, batch_size=runtime.global_batch,
                 image_size=config.image_size, seed=config.seed, epoch=epoch,
-                augment=_augment(config), positive_fraction=config.positive_fraction,
+                augment=build.augment_from_config(config), positive_fraction=config.positive_fraction,
                 skip_batches=in_epoch)
             iterator = iter(runtime.strategy.experimental_distribute_dataset(ds))
             epoch_totals = run_state["epoch_totals"] or {}
@@ -295,15 +295,6 @@ def finish(config: Config, runtime: Runtime, state: build.TrainState, manager: C
     writer.close()
     return {"final_model": final_path, "best": best.name if best else None,
             "best_metrics": best_metrics}
-
-
-def _augment(config: Config) -> pipeline.Augment | None:
-    if not config.augment:
-        return None
-    return pipeline.Augment(
-        rotation_deg=config.rotation_deg, shift=config.shift, shear=config.shear,
-        zoom=config.zoom, hflip=config.hflip, vflip=config.vflip,
-        brightness=config.brightness, contrast=config.contrast, gamma=config.gamma)
 
 
 def _hparams(config: Config) -> dict:
