@@ -31,8 +31,13 @@ def load_dataset(config: Config, log=logging.info) -> lgg_dataset.LggDataset:
         except lgg.DataError:
             log(f"No patients under {config.data_dir}: writing {config.synthetic_patients} "
                 f"synthetic patients there (--synthetic_patients).")
-            synthetic.write_dataset(config.data_dir, patients=config.synthetic_patients,
-                                    seed=config.seed)
+            try:
+                synthetic.write_dataset(config.data_dir, patients=config.synthetic_patients,
+                                        seed=config.seed)
+            except (FileExistsError, OSError) as e:
+                raise lgg.DataError(
+                    f"--synthetic_patients: cannot write the synthetic dataset into "
+                    f"{config.data_dir} ({e}); point --data_dir at an empty or new folder") from None
     cache_dir = config.cache_dir or lgg_dataset.default_cache_dir()
     return lgg_dataset.load(config.data_dir, skip_bad_slices=config.skip_bad_slices,
                             cache_dir=cache_dir, log=log)

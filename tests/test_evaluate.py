@@ -21,6 +21,7 @@ from engine.config import Config, validate
 from engine.predict import Predictor
 from models import losses, postprocess
 from tests.helpers import config_flags, run_engine
+from tests.helpers import pointwise_model
 
 # --- post-processing -------------------------------------------------------------------------------
 
@@ -163,13 +164,7 @@ def test_score_edge_cases():
 
 
 def _pointwise_model(size: int) -> keras.Model:
-    """logit = 20 * (FLAIR - 0.5): lesion wherever the FLAIR channel is bright."""
-    inputs = keras.Input((size, size, 3))
-    layer = keras.layers.Conv2D(1, 1, dtype="float32")
-    model = keras.Model(inputs, layer(inputs))
-    layer.set_weights([np.array([0.0, 20.0, 0.0], np.float32).reshape(1, 1, 3, 1),
-                       np.array([-10.0], np.float32)])
-    return model
+    return pointwise_model(size)
 
 
 def _conv_model(size: int, seed: int = 3) -> keras.Model:

@@ -12,19 +12,13 @@ from data.lgg import DataError
 from engine import predict
 from engine.checkpoint import CheckpointError
 from engine.config import Config, validate
-from tests.helpers import config_flags, run_engine
+from tests.helpers import config_flags, pointwise_model, run_engine
 
 SIZE = 64  # the model's input size
 
 
 def _pointwise_model(size: int = SIZE) -> keras.Model:
-    """logit = 20 * (FLAIR - 0.5): lesion wherever the FLAIR channel is bright."""
-    inputs = keras.Input((size, size, 3))
-    layer = keras.layers.Conv2D(1, 1, dtype="float32")
-    model = keras.Model(inputs, layer(inputs))
-    layer.set_weights([np.array([0.0, 20.0, 0.0], np.float32).reshape(1, 1, 3, 1),
-                       np.array([-10.0], np.float32)])
-    return model
+    return pointwise_model(size)
 
 
 def _slice(height: int, width: int, *, channels: int | None = 3, dtype=np.uint8, bright=200) -> np.ndarray:
