@@ -20,8 +20,7 @@ from engine import evaluate
 from engine.config import Config, validate
 from engine.predict import Predictor
 from models import losses, postprocess
-from tests.helpers import config_flags, run_engine
-from tests.helpers import pointwise_model
+from tests.helpers import config_flags, pointwise_model, run_engine
 
 # --- post-processing -------------------------------------------------------------------------------
 
