@@ -30,7 +30,7 @@ def _group_split(groups: np.ndarray, n_out: int, rng: np.random.RandomState) -> 
 
 
 def make_split(dataset, *, val_fraction: float = 0.15, test_fraction: float = 0.15,
-               seed: int = 0) -> dict[str, list[str]]:
+               seed: int = 0, num_folds: int = 0, fold: int = 0) -> dict[str, list[str]]:
     """Splits the dataset's patients into train, val and test.
 
     Patients, never slices, are split (scikit-learn GroupShuffleSplit with the patient as group):
@@ -38,17 +38,22 @@ def make_split(dataset, *, val_fraction: float = 0.15, test_fraction: float = 0.
     anatomy into training. Each part gets round(fraction * patients) patients (at least one), and
     draws are repeated from one RandomState(seed) until every part has lesion-positive slices.
 
+    With num_folds > 0 the test part is instead fold `fold` of a k-fold cut of the patients (see
+    _kfold_split), so the folds of one seed together hold out every patient exactly once.
+
     Args:
       dataset: an LggDataset (needs .records and .positive).
       val_fraction: fraction of patients for validation, in (0, 1).
-      test_fraction: fraction of patients for test, in (0, 1); val + test < 1.
+      test_fraction: fraction of patients for test, in (0, 1); val + test < 1. Unused with folds.
       seed: the split seed; the same seed and dataset always give the same split.
+      num_folds: 0 for the fraction split, else the number of folds (>= 2).
+      fold: which fold is the test part, in [0, num_folds); 0 when num_folds is 0.
 
     Returns:
       {"train": [...], "val": [...], "test": [...]}: sorted patient folder names, no overlap.
 
     Raises:
-      ValueError: a fraction is out of range.
+      ValueError: a fraction, num_folds or fold is out of range.
       DataError: the split is impossible (too few patients, or fewer than 3 with lesions).
     """
     for name, value in (("val_fraction", val_fraction), ("test_fraction", test_fraction)):
@@ -56,7 +61,14 @@ def make_split(dataset, *, val_fraction: float = 0.15, test_fraction: float = 0.
             raise ValueError(f"{name} must be in (0, 1), got {value}")
     if val_fraction + test_fraction >= 1.0:
         raise ValueError(f"val_fraction + test_fraction must be < 1, got {val_fraction} + {test_fraction}")
+    if num_folds == 1 or num_folds < 0:
+        raise ValueError(f"num_folds must be 0 (fraction split) or >= 2, got {num_folds}")
+    if not (0 <= fold < num_folds or fold == num_folds == 0):
+        raise ValueError(f"fold must be in [0, num_folds={num_folds}), got {fold}")
     groups = np.array([r.patient for r in dataset.records])
+    if num_folds:
+        return _kfold_split(groups, np.asarray(dataset.positive), val_fraction=val_fraction,
+                            seed=seed, num_folds=num_folds, fold=fold)
     patients = sorted(set(groups.tolist()))
     with_lesions = sorted(set(groups[np.asarray(dataset.positive)].tolist()))
     n = len(patients)
@@ -78,6 +90,46 @@ def make_split(dataset, *, val_fraction: float = 0.15, test_fraction: float = 0.
             return {k: sorted(set(groups[idx].tolist())) for k, idx in parts.items()}
     raise DataError(f"no split of {n} patients ({len(with_lesions)} with lesions) with lesion-positive "
                     f"slices in every part after {MAX_DRAWS} draws; lower val/test fractions or add data")
+
+
+def _kfold_split(groups: np.ndarray, positive: np.ndarray, *, val_fraction: float, seed: int,
+                 num_folds: int, fold: int) -> dict[str, list[str]]:
+    """Test = fold `fold` of the shuffled patients cut into num_folds near-equal chunks.
+
+    The cut depends only on the seed and the patients, so the test parts of folds 0..k-1 partition
+    the patients. Val is round(val_fraction * patients) (at least one) of the others, taken in
+    shuffled order; the test part is fixed by the fold, so lesion-positive val and train parts are
+    found by sliding the val window along the others rather than by re-drawing. Where the fold
+    leaves too few lesion patients for both, train gets them and a warning says so.
+    """
+    patients = sorted(set(groups.tolist()))
+    n = len(patients)
+    if num_folds > n:
+        raise DataError(f"--num_folds={num_folds} is more than the {n} patients; use at most {n} folds")
+    order = [patients[i] for i in np.random.RandomState(seed).permutation(n)]
+    chunks = np.array_split(np.arange(n), num_folds)
+    test = [order[i] for i in chunks[fold]]
+    held_out = set(test)
+    rest = [p for p in order if p not in held_out]
+    n_val = max(1, round(val_fraction * n))
+    if len(rest) - n_val < 1:
+        raise DataError(f"--num_folds={num_folds} leaves {len(rest)} of {n} patients outside the test "
+                        f"fold, too few for {n_val} val and at least 1 train; use fewer folds or a "
+                        "smaller --val_fraction")
+    has_lesion = {p: bool(positive[groups == p].any()) for p in patients}
+    if not any(has_lesion[p] for p in test):
+        log.warning("fold %d of %d: no test patient has lesion-positive slices", fold, num_folds)
+    windows = [[rest[(offset + i) % len(rest)] for i in range(n_val)] for offset in range(len(rest))]
+    # Both parts with lesions if any window allows it; else at least train, which must learn them.
+    for strict in (True, False):
+        for val in windows:
+            train = [p for p in rest if p not in val]
+            if any(has_lesion[p] for p in train) and (any(has_lesion[p] for p in val) or not strict):
+                if not strict:
+                    log.warning("fold %d of %d: no val patient has lesion-positive slices", fold, num_folds)
+                return {"train": sorted(train), "val": sorted(val), "test": sorted(test)}
+    raise DataError(f"fold {fold} of --num_folds={num_folds}: none of the {len(rest)} patients outside "
+                    "the test fold has lesion-positive slices to train on; use fewer folds or add data")
 
 
 def _write_json_atomic(path: pathlib.Path, obj) -> None:
@@ -121,31 +173,41 @@ def _read_split(path: pathlib.Path, dataset) -> dict[str, list[str]]:
 
 
 def load_or_make_split(run_dir, dataset, *, val_fraction: float, test_fraction: float,
-                       seed: int) -> dict[str, list[str]]:
+                       seed: int, num_folds: int = 0, fold: int = 0) -> dict[str, list[str]]:
     """Reuses run_dir/split.json if present (so a resumed run keeps its split), else makes and writes it.
 
     Args:
       run_dir: the run directory.
       dataset: the LggDataset.
-      val_fraction, test_fraction, seed: as in make_split; used only when there is no split.json.
+      val_fraction, test_fraction, seed, num_folds, fold: as in make_split; used only when there
+        is no split.json.
 
     Returns:
       {"train": [...], "val": [...], "test": [...]} of sorted patient folder names.
 
     Raises:
-      DataError: split.json is unreadable, names patients not in the dataset, or lists a patient
-        twice; or a new split is impossible (see make_split).
+      DataError: split.json is unreadable, names patients not in the dataset, lists a patient
+        twice, or was made for another fold; or a new split is impossible (see make_split).
     """
     path = pathlib.Path(run_dir) / SPLIT_FILE
     if path.exists():
         split = _read_split(path, dataset)
         stored = json.loads(path.read_text())
+        # Another fold's split would score other held-out patients: refused, not reused. Files
+        # written before folds existed have no such keys and were fraction splits (0/0).
+        stored_fold = {"num_folds": stored.get("num_folds", 0), "fold": stored.get("fold", 0)}
+        if stored_fold != {"num_folds": num_folds, "fold": fold}:
+            raise DataError(f"{path} was made with --num_folds={stored_fold['num_folds']} "
+                            f"--fold={stored_fold['fold']}, not --num_folds={num_folds} --fold={fold}; "
+                            "use a run directory per fold")
         requested = {"seed": seed, "val_fraction": val_fraction, "test_fraction": test_fraction}
         if any(k in stored and stored[k] != v for k, v in requested.items()):
             log.warning("%s was made with %s; reusing it although %s was requested", path,
                         {k: stored.get(k) for k in requested}, requested)
         return split
-    split = make_split(dataset, val_fraction=val_fraction, test_fraction=test_fraction, seed=seed)
+    split = make_split(dataset, val_fraction=val_fraction, test_fraction=test_fraction, seed=seed,
+                       num_folds=num_folds, fold=fold)
     _write_json_atomic(path, {"seed": seed, "val_fraction": val_fraction,
-                              "test_fraction": test_fraction, **split})
+                              "test_fraction": test_fraction, "num_folds": num_folds, "fold": fold,
+                              **split})
     return split

@@ -18,7 +18,7 @@ BENCHMARK_DATA = ("synthetic", "pipeline")
 # weights or the data they were trained on would no longer match.
 RUN_IDENTITY_FIELDS = (
     "image_size", "base_filters", "depth", "batch_norm", "data_dir",
-    "val_fraction", "test_fraction", "seed",
+    "val_fraction", "test_fraction", "seed", "num_folds", "fold",
 )
 
 
@@ -42,6 +42,8 @@ class Config:
     synthetic_patients: int = 0
     val_fraction: float = 0.15
     test_fraction: float = 0.15
+    num_folds: int = 0  # 0: the fraction split; k >= 2: k-fold over patients, --fold is the test part.
+    fold: int = 0
     seed: int = 42
     # Model.
     image_size: int = 256
@@ -184,6 +186,13 @@ def validate(config: Config) -> Config:
     _require(c.val_fraction + c.test_fraction < 1, "test_fraction",
              f"--val_fraction + --test_fraction must leave patients for training, "
              f"got {c.val_fraction} + {c.test_fraction}")
+    _require(c.num_folds == 0 or c.num_folds >= 2, "num_folds",
+             f"must be 0 (the fraction split) or at least 2, got {c.num_folds}")
+    if c.num_folds:
+        _require(0 <= c.fold < c.num_folds, "fold",
+                 f"must be in [0, --num_folds={c.num_folds}), got {c.fold}")
+    else:
+        _require(c.fold == 0, "fold", f"needs --num_folds >= 2, got --fold={c.fold} without folds")
     _require(0 <= c.positive_fraction < 1, "positive_fraction",
              f"must be in [0, 1), got {c.positive_fraction}")
     _require(c.warmup_epochs >= 0, "warmup_epochs", f"must be zero or positive, got {c.warmup_epochs}")

@@ -270,7 +270,8 @@ def run(config: Config, runtime: Runtime | None = None, *, log=logging.info) -> 
         log(f"No {split_lib.SPLIT_FILE} in {config.run_dir}: making the split from --seed="
             f"{config.seed}, --val_fraction and --test_fraction, as training would")
     split = split_lib.load_or_make_split(config.run_dir, dataset, val_fraction=config.val_fraction,
-                                         test_fraction=config.test_fraction, seed=config.seed)
+                                         test_fraction=config.test_fraction, seed=config.seed,
+                                         num_folds=config.num_folds, fold=config.fold)
     if not split[config.split]:
         raise DataError(f"{os.path.join(config.run_dir, split_lib.SPLIT_FILE)}: the "
                         f"{config.split} split has no patients")

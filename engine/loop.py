@@ -113,7 +113,8 @@ def train(config: Config, runtime: Runtime, *, log=logging.info) -> dict:
     dataset = build.load_dataset(config, log=log)
     split = split_lib.load_or_make_split(
         run_dir, dataset, val_fraction=config.val_fraction,
-        test_fraction=config.test_fraction, seed=config.seed)
+        test_fraction=config.test_fraction, seed=config.seed, num_folds=config.num_folds,
+        fold=config.fold)
     train_set, val_set = dataset.subset(split["train"]), dataset.subset(split["val"])
     log(f"Split: {len(split['train'])} train / {len(split['val'])} val / "
         f"{len(split['test'])} test patients; {len(train_set.records)} train slices, "

@@ -56,3 +56,22 @@ def test_validate_names_the_flag_for_fraction_sums():
     with pytest.raises(ConfigError, match="--test_fraction"):
         validate(Config(val_fraction=0.5, test_fraction=0.5))
     assert validate(Config()).run_dir.endswith("default")
+
+
+@pytest.mark.parametrize("num_folds, fold, flag, words", [
+    (1, 0, "--num_folds", "at least 2"),
+    (-2, 0, "--num_folds", "at least 2"),
+    (5, 5, "--fold", "[0, --num_folds=5)"),
+    (5, -1, "--fold", "[0, --num_folds=5)"),
+    (0, 1, "--fold", "needs --num_folds"),
+])
+def test_validate_names_the_flag_for_bad_folds(num_folds, fold, flag, words):
+    with pytest.raises(ConfigError) as e:
+        validate(Config(num_folds=num_folds, fold=fold))
+    assert e.value.flag == flag[2:] and words in str(e.value)
+
+
+def test_folds_are_part_of_the_run_identity():
+    from engine.config import RUN_IDENTITY_FIELDS
+    assert {"num_folds", "fold"} <= set(RUN_IDENTITY_FIELDS)
+    assert validate(Config(num_folds=5, fold=4)).fold == 4

@@ -97,3 +97,97 @@ def test_bad_split_json_is_a_data_error(tmp_path, text, reason):
     with pytest.raises(DataError, match=reason) as e:
         split_lib.load_or_make_split(tmp_path, _dataset(10), val_fraction=0.15, test_fraction=0.15, seed=0)
     assert str(tmp_path / "split.json") in str(e.value)
+
+
+def test_folds_partition_the_patients_and_each_fold_covers_them_all():
+    ds = _dataset(23)
+    tests = []
+    for fold in range(5):
+        split = split_lib.make_split(ds, val_fraction=0.15, seed=4, num_folds=5, fold=fold)
+        parts = [set(split[k]) for k in ("train", "val", "test")]
+        assert not (parts[0] & parts[1]) and not (parts[0] & parts[2]) and not (parts[1] & parts[2])
+        assert set().union(*parts) == set(ds.patients)
+        assert len(split["val"]) == round(0.15 * 23)
+        assert all(v == sorted(v) for v in split.values())
+        tests.append(parts[2])
+    assert sorted(len(t) for t in tests) == [4, 4, 5, 5, 5]  # near-equal chunks of 23
+    assert set().union(*tests) == set(ds.patients)
+    assert sum(len(t) for t in tests) == 23  # pairwise disjoint
+
+
+def test_folds_are_stable_for_a_seed_and_change_with_it():
+    ds = _dataset(20)
+    first = split_lib.make_split(ds, seed=7, num_folds=4, fold=1)
+    assert split_lib.make_split(ds, seed=7, num_folds=4, fold=1) == first
+    assert split_lib.make_split(ds, seed=8, num_folds=4, fold=1)["test"] != first["test"]
+
+
+def test_num_folds_zero_is_the_fraction_split():
+    ds = _dataset(30)
+    for seed in (0, 7):
+        assert split_lib.make_split(ds, seed=seed, num_folds=0, fold=0) == split_lib.make_split(ds, seed=seed)
+    # Pinned from the split code before folds existed: old seeds keep their test patients.
+    assert split_lib.make_split(_dataset(20), seed=3, num_folds=0)["test"] == [
+        "TCGA_CS_0003_20000101", "TCGA_CS_0005_20000101", "TCGA_DU_0008_20000101"]
+
+
+def test_fold_val_and_train_get_lesions_when_the_fold_leaves_enough(caplog):
+    ds = _dataset(30, with_lesions=[4, 17, 25])
+    lesioned = {r.patient for r, positive in zip(ds.records, ds.positive) if positive}
+    assert len(lesioned) == 3
+    short = 0
+    for seed in range(6):
+        tests = []
+        for fold in range(3):
+            caplog.clear()
+            split = split_lib.make_split(ds, seed=seed, num_folds=3, fold=fold)
+            assert set(split["train"]) & lesioned, (seed, fold)
+            if len(lesioned - set(split["test"])) >= 2:
+                assert set(split["val"]) & lesioned, (seed, fold)
+            else:  # one lesion patient outside the test fold: train has it, and a warning says val has none
+                short += 1
+                assert "no val patient has lesion-positive slices" in caplog.text
+            tests.append(set(split["test"]))
+        assert set().union(*tests) == set(ds.patients)
+    assert short < 18  # most folds of most seeds leave two lesion patients, so the rotation is exercised
+
+
+def test_impossible_folds_raise_clear_errors():
+    with pytest.raises(DataError, match="--num_folds=11 is more than the 10 patients"):
+        split_lib.make_split(_dataset(10), num_folds=11)
+    with pytest.raises(DataError, match="--num_folds=2 leaves 2 of 4 patients"):
+        split_lib.make_split(_dataset(4), val_fraction=0.5, test_fraction=0.25, num_folds=2)
+    with pytest.raises(DataError, match="--num_folds=3: none of the 6 patients outside the test fold"):
+        split_lib.make_split(_dataset(9, with_lesions=[]), num_folds=3, fold=0)
+    with pytest.raises(ValueError, match="num_folds must be 0"):
+        split_lib.make_split(_dataset(10), num_folds=1)
+    with pytest.raises(ValueError, match="fold must be in"):
+        split_lib.make_split(_dataset(10), num_folds=3, fold=3)
+
+
+def test_split_json_records_the_fold_and_refuses_another(tmp_path):
+    ds = _dataset(20)
+    split = split_lib.load_or_make_split(tmp_path, ds, val_fraction=0.15, test_fraction=0.15, seed=0,
+                                         num_folds=4, fold=2)
+    stored = json.loads((tmp_path / "split.json").read_text())
+    assert (stored["num_folds"], stored["fold"]) == (4, 2)
+    assert split == split_lib.make_split(ds, seed=0, num_folds=4, fold=2)
+    assert split_lib.load_or_make_split(tmp_path, ds, val_fraction=0.15, test_fraction=0.15, seed=0,
+                                        num_folds=4, fold=2) == split
+    for num_folds, fold in ((4, 3), (5, 2), (0, 0)):
+        with pytest.raises(DataError, match="was made with --num_folds=4 --fold=2") as e:
+            split_lib.load_or_make_split(tmp_path, ds, val_fraction=0.15, test_fraction=0.15, seed=0,
+                                         num_folds=num_folds, fold=fold)
+        assert str(tmp_path / "split.json") in str(e.value)
+
+
+def test_split_json_from_before_folds_loads_as_the_fraction_split(tmp_path):
+    ds = _dataset(20)
+    split = split_lib.make_split(ds, seed=0)
+    (tmp_path / "split.json").write_text(json.dumps({"seed": 0, "val_fraction": 0.15,
+                                                     "test_fraction": 0.15, **split}))
+    assert split_lib.load_or_make_split(tmp_path, ds, val_fraction=0.15, test_fraction=0.15,
+                                        seed=0) == split
+    with pytest.raises(DataError, match="--num_folds=0 --fold=0"):
+        split_lib.load_or_make_split(tmp_path, ds, val_fraction=0.15, test_fraction=0.15, seed=0,
+                                     num_folds=5, fold=0)
