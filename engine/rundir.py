@@ -37,7 +37,9 @@ def write_json_atomic(path: str, payload) -> None:
 
 
 def _identity(values: dict) -> dict:
-    out = {k: values.get(k) for k in RUN_IDENTITY_FIELDS}
+    # A field added after the run was written reads as its default, so older runs still resume.
+    defaults = Config()
+    out = {k: values.get(k, getattr(defaults, k)) for k in RUN_IDENTITY_FIELDS}
     if out.get("data_dir"):
         out["data_dir"] = os.path.realpath(out["data_dir"])
     return out

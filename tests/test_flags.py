@@ -75,3 +75,17 @@ def test_folds_are_part_of_the_run_identity():
     from engine.config import RUN_IDENTITY_FIELDS
     assert {"num_folds", "fold"} <= set(RUN_IDENTITY_FIELDS)
     assert validate(Config(num_folds=5, fold=4)).fold == 4
+
+
+def test_a_run_written_before_the_fold_fields_existed_still_resumes(tmp_path):
+    import json
+    from engine import rundir
+    config = Config(model_dir=str(tmp_path / "old"), num_folds=0, fold=0)
+    run_dir = rundir.prepare(config, log=lambda _: None)
+    path = tmp_path / "old" / rundir.CONFIG_FILE
+    written = json.loads(path.read_text())
+    del written["config"]["num_folds"], written["config"]["fold"]
+    path.write_text(json.dumps(written))
+    assert rundir.prepare(config, log=lambda _: None) == run_dir
+    with pytest.raises(rundir.RunDirError, match="--fold"):
+        rundir.prepare(dataclasses.replace(config, num_folds=5, fold=1), log=lambda _: None)
