@@ -6,6 +6,7 @@ import dataclasses
 import keras
 import tensorflow as tf
 
+from engine.fused_adam import FusedAdam
 from models import losses
 
 COUNT_KEYS = ("intersection", "predicted", "target")
@@ -21,12 +22,12 @@ class LossSpec:
 
 
 def build_optimizer(learning_rate: float, precision: str) -> keras.optimizers.Optimizer:
-    """Adam, wrapped in a dynamic loss-scale optimizer under float16.
+    """Adam (its update fused into one kernel), wrapped in a dynamic loss-scale optimizer under float16.
 
     The learning rate lives in the optimizer's own variable, which the compiled
     step reads, so the loop can change it (plateau, warm-up) without a retrace.
     """
-    optimizer = keras.optimizers.Adam(learning_rate=learning_rate)
+    optimizer = FusedAdam(learning_rate=learning_rate)
     if precision == "mixed_float16":
         optimizer = keras.optimizers.LossScaleOptimizer(optimizer)
     return optimizer
