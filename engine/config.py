@@ -173,6 +173,11 @@ def validate(config: Config) -> Config:
                  "early_stopping_patience", "benchmark_warmup", "min_component_size"):
         value = getattr(c, name)
         _require(value >= 0, name, f"must be zero or positive, got {value}")
+    # XLA's CPU backend is a single device: a step compiled for one logical CPU cannot touch
+    # the variables of another (Keras fit fails the same way). GPUs are separate XLA devices.
+    _require(not (c.jit_compile == "true" and c.cpu_devices > 1), "jit_compile",
+             f"XLA cannot run over logical CPU devices (--cpu_devices={c.cpu_devices}); "
+             "use --jit_compile=false or auto with --cpu_devices")
     _require(c.image_size % (2 ** c.depth) == 0, "image_size",
              f"{c.image_size} is not divisible by 2**depth = {2 ** c.depth} "
              f"(--depth={c.depth}); try {max(2 ** c.depth, c.image_size // 2 ** c.depth * 2 ** c.depth)}")

@@ -17,6 +17,7 @@ from tests.helpers import run_engine
     (["--strategy=tpu"], "--strategy", "tpu"),
     (["--mode=fly"], "--mode", "fly"),
     (["--batch_size=abc"], "--batch_size", "abc"),
+    (["--cpu_devices=2", "--jit_compile=true"], "--jit_compile", "logical CPU devices"),
 ])
 def test_bad_flag_values_give_one_line_and_exit_2(args, flag, words):
     proc = run_engine(args, timeout=60)
