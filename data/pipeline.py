@@ -24,6 +24,10 @@ class Augment:
       brightness: added to the [0, 1] intensities.
       contrast: fractional change of the spread about each image's mean.
       gamma: log of the exponent, so 0.2 gives exponents in [e^-0.2, e^0.2].
+      missing_sequence: probability that the pre-contrast (channel 0) and, independently, the
+        post-contrast (channel 2) image is replaced by FLAIR (channel 1). The dataset fills a
+        patient's missing sequence with FLAIR; a model that never saw that in training can miss
+        such a patient's lesion entirely.
     """
 
     rotation_deg: float = 0.2
@@ -35,6 +39,7 @@ class Augment:
     brightness: float = 0.0
     contrast: float = 0.0
     gamma: float = 0.0
+    missing_sequence: float = 0.0
 
     def __post_init__(self):
         for field in dataclasses.fields(self):
@@ -43,6 +48,8 @@ class Augment:
                 raise ValueError(f"Augment.{field.name} must be a finite number >= 0, got {value!r}")
         if self.zoom >= 1:
             raise ValueError(f"Augment.zoom must be < 1, got {self.zoom!r}")
+        if self.missing_sequence > 1:
+            raise ValueError(f"Augment.missing_sequence must be <= 1, got {self.missing_sequence!r}")
 
 
 def preprocess(images, image_size: int) -> tf.Tensor:
@@ -188,6 +195,8 @@ def _augment_batch(images, masks, key, batch, aug: Augment):
     transforms = _transforms(draws[:, :8], images.shape[1], aug)
     images = _warp(images, transforms, "BILINEAR")
     masks = _warp(masks, transforms, "NEAREST")
+    if aug.missing_sequence:
+        images = _drop_sequences(images, seed, aug.missing_sequence)
     u = draws[:, 8:, None, None, None] * 2.0 - 1.0  # [B, 3, 1, 1, 1]: gamma, contrast, brightness
     if aug.gamma:
         # exp(g * log x) is three times cheaper than pow on CPU.
@@ -200,6 +209,18 @@ def _augment_batch(images, masks, key, batch, aug: Augment):
     if aug.gamma or aug.contrast or aug.brightness:
         images = tf.clip_by_value(images, 0.0, 1.0)
     return images, masks
+
+
+def _drop_sequences(images, seed, probability: float):
+    """Replaces channel 0 and, independently, channel 2 by FLAIR (channel 1) with `probability`."""
+    # Draws of their own (the seed's key with its lowest bit flipped), so that turning this on
+    # leaves every other draw of the batch as it was.
+    own_seed = tf.stack([tf.bitwise.bitwise_xor(seed[0], tf.constant(1, tf.int64)), seed[1]])
+    dropped = tf.random.stateless_uniform([tf.shape(images)[0], 1, 1, 2], seed=own_seed) < probability
+    pre, flair, post = tf.unstack(images, axis=-1)
+    pre = tf.where(dropped[..., 0], flair, pre)
+    post = tf.where(dropped[..., 1], flair, post)
+    return tf.stack([pre, flair, post], axis=-1)
 
 
 def _check_arrays(images: np.ndarray, masks: np.ndarray) -> None:

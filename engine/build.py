@@ -50,7 +50,8 @@ def augment_from_config(config: Config) -> pipeline.Augment | None:
     return pipeline.Augment(
         rotation_deg=config.rotation_deg, shift=config.shift, shear=config.shear,
         zoom=config.zoom, hflip=config.hflip, vflip=config.vflip,
-        brightness=config.brightness, contrast=config.contrast, gamma=config.gamma)
+        brightness=config.brightness, contrast=config.contrast, gamma=config.gamma,
+        missing_sequence=config.missing_sequence)
 
 
 def build_model(config: Config, runtime: Runtime | None = None) -> keras.Model:

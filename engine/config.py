@@ -71,6 +71,7 @@ class Config:
     brightness: float = 0.0
     contrast: float = 0.0
     gamma: float = 0.0
+    missing_sequence: float = 0.0
     positive_fraction: float = 0.0
     # Device policy.
     precision: str = "auto"
@@ -207,6 +208,8 @@ def validate(config: Config) -> Config:
     for name in ("rotation_deg", "shift", "shear", "zoom", "brightness", "contrast", "gamma"):
         value = getattr(c, name)
         _require(value >= 0, name, f"must be zero or positive, got {value}")
+    _require(0 <= c.missing_sequence <= 1, "missing_sequence",
+             f"must be a probability in [0, 1], got {c.missing_sequence}")
     _require(c.monitor in ("val_loss", "val_dice", "val_iou"), "monitor",
              f"must be one of val_loss, val_dice, val_iou, got {c.monitor!r}")
     _require(bool(c.data_dir), "data_dir", "must not be empty")

@@ -46,6 +46,7 @@ HELP = {
     "brightness": "Maximum brightness shift (0 disables).",
     "contrast": "Maximum relative contrast change (0 disables).",
     "gamma": "Maximum relative gamma change (0 disables).",
+    "missing_sequence": "Probability that pre- and (independently) post-contrast are replaced by FLAIR, as for a patient missing them.",
     "positive_fraction": "Over-sample lesion-positive slices to this fraction of each epoch (0: natural).",
     "precision": f"One of {', '.join(PRECISIONS)}; auto = mixed_float16 on GPU, float32 on CPU.",
     "jit_compile": f"XLA: one of {', '.join(JIT_CHOICES)}; auto = on with a GPU, off on CPU.",

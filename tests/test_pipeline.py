@@ -169,3 +169,25 @@ def test_bad_arguments_are_rejected():
         _train(images, masks[..., None], batch_size=2)
     with pytest.raises(ValueError, match="Augment.shift"):
         pipeline.Augment(shift=-0.1)
+
+
+def test_missing_sequence_replaces_pre_and_post_contrast_by_flair():
+    images, masks = _arrays()
+    images[..., 0] = 0.1  # distinct channels, so a replaced one shows
+    images[..., 2] = 0.9
+    geo = _collect(_train(images, masks, augment=pipeline.Augment()))
+    always = _collect(_train(images, masks, augment=pipeline.Augment(missing_sequence=1.0)))
+    half = _collect(_train(images, masks, augment=pipeline.Augment(missing_sequence=0.5)))
+    np.testing.assert_array_equal(always["image"][..., 0], always["image"][..., 1])
+    np.testing.assert_array_equal(always["image"][..., 2], always["image"][..., 1])
+    # Its own draws: FLAIR, the masks and the geometry stay exactly as without it.
+    for out in (always, half):
+        np.testing.assert_array_equal(out["image"][..., 1], geo["image"][..., 1])
+        np.testing.assert_array_equal(out["mask"], geo["mask"])
+    for channel in (0, 2):
+        replaced = np.all(half["image"][..., channel] == half["image"][..., 1], axis=(1, 2))
+        kept = np.all(half["image"][..., channel] == geo["image"][..., channel], axis=(1, 2))
+        assert 0.2 < replaced.mean() < 0.8, replaced.mean()
+        assert np.all(replaced | kept)
+    with pytest.raises(ValueError, match="missing_sequence"):
+        pipeline.Augment(missing_sequence=1.5)
