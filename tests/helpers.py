@@ -38,6 +38,15 @@ def tiny_config(run_dir: str, **overrides) -> Config:
     return validate(Config(**values))
 
 
+def model_only_config(tmp, *, image_size: int, mode: str, **overrides) -> Config:
+    """A tiny U-Net config for modes that read a saved model and no dataset (export, predict)."""
+    values = dict(data_dir=os.path.join(str(tmp), "unused"), model_dir=os.path.join(str(tmp), "run"),
+                  image_size=image_size, base_filters=4, depth=2, precision="float32",
+                  jit_compile="false", strategy="one_device", progress=False, mode=mode)
+    values.update(overrides)
+    return validate(Config(**values))
+
+
 def config_flags(config: Config) -> list[str]:
     """The command-line flags that reproduce a Config (for subprocess tests)."""
     out = []

@@ -12,11 +12,11 @@ import numpy as np
 import pytest
 
 from engine import export
-from engine.config import Config, validate
+from engine.config import Config
 from engine.predict import Predictor
 from engine.rundir import RunDirError
 from models import unet
-from tests.helpers import config_flags, run_engine
+from tests.helpers import config_flags, model_only_config, run_engine
 
 SIZE = 64
 
@@ -50,11 +50,7 @@ def _model() -> keras.Model:
 
 
 def _config(tmp, **overrides) -> Config:
-    values = dict(data_dir=str(tmp / "unused"), model_dir=str(tmp / "run"), image_size=SIZE,
-                  base_filters=4, depth=2, batch_size=4, precision="float32", jit_compile="false",
-                  strategy="one_device", progress=False, mode="export")
-    values.update(overrides)
-    return validate(Config(**values))
+    return model_only_config(tmp, image_size=SIZE, mode="export", batch_size=4, **overrides)
 
 
 @pytest.fixture(scope="module")

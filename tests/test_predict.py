@@ -11,8 +11,8 @@ import tifffile
 from data.lgg import DataError
 from engine import predict
 from engine.checkpoint import CheckpointError
-from engine.config import Config, validate
-from tests.helpers import config_flags, pointwise_model, run_engine
+from engine.config import Config
+from tests.helpers import config_flags, model_only_config, pointwise_model, run_engine
 
 SIZE = 64  # the model's input size
 
@@ -41,11 +41,7 @@ def _expect_left_half(mask: np.ndarray, width: int) -> None:
 
 
 def _config(tmp, **overrides) -> Config:
-    values = dict(data_dir=str(tmp / "unused"), model_dir=str(tmp / "run"), image_size=SIZE,
-                  base_filters=4, depth=2, batch_size=3, precision="float32", jit_compile="false",
-                  strategy="one_device", progress=False, mode="predict")
-    values.update(overrides)
-    return validate(Config(**values))
+    return model_only_config(tmp, image_size=SIZE, mode="predict", batch_size=3, **overrides)
 
 
 @pytest.fixture(scope="module")
