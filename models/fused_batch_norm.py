@@ -25,7 +25,9 @@ class FusedBatchNormalization(keras.layers.BatchNormalization):
     """
 
     def _fusable(self, inputs, mask) -> bool:
+        # The kernel takes float16, bfloat16 and float32 only.
         return (mask is None and not self.synchronized and not self.renorm
+                and self.compute_dtype != "float64"
                 and self.center and self.scale and len(inputs.shape) == 4
                 and self.axis in (-1, 3))
 

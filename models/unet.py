@@ -130,8 +130,10 @@ def build_unet(*, image_size: int, base_filters: int = 64, depth: int = 4, dropo
         x = block(x, filters, f"dec{level}")
 
     # float32 even under mixed precision: float16 logits would lose range and
-    # precision right where the loss needs them.
-    logits = keras.layers.Conv2D(1, 1, dtype="float32", name="logits")(x)
+    # precision right where the loss needs them. Never narrower than the model:
+    # a float64 model (the strategy-equivalence test) keeps float64 logits.
+    wide = keras.mixed_precision.global_policy().compute_dtype == "float64"
+    logits = keras.layers.Conv2D(1, 1, dtype="float64" if wide else "float32", name="logits")(x)
     return keras.Model(inputs, logits, name=name)
 
 

@@ -1,6 +1,8 @@
 """Trains a tiny U-Net a few steps under a given strategy and saves loss and weights (for test_distribute).
 
-usage: python -m tests.distributed_worker OUT.npz STRATEGY CPU_DEVICES PER_REPLICA_BATCH STEPS
+usage: python -m tests.distributed_worker OUT.npz STRATEGY CPU_DEVICES PER_REPLICA_BATCH STEPS [DTYPE]
+
+DTYPE float64 runs the whole model and optimizer in float64 (the loss stays float32).
 """
 
 from __future__ import annotations
@@ -11,6 +13,7 @@ import sys
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
+import keras  # noqa: E402
 import numpy as np  # noqa: E402
 import tensorflow as tf  # noqa: E402
 
@@ -32,7 +35,8 @@ def batches(image_size: int, count: int) -> tf.data.Dataset:
     return ds.batch(GLOBAL_BATCH, drop_remainder=True).with_options(options)
 
 
-def main(out: str, strategy: str, cpu_devices: int, per_replica_batch: int, num_steps: int) -> None:
+def main(out: str, strategy: str, cpu_devices: int, per_replica_batch: int, num_steps: int,
+         dtype: str = "float32") -> None:
     config = Config(image_size=32, base_filters=4, depth=2, batch_size=per_replica_batch,
                     learning_rate=1e-2, precision="float32", jit_compile="false",
                     strategy=strategy, cpu_devices=cpu_devices, seed=3)
@@ -45,6 +49,8 @@ def main(out: str, strategy: str, cpu_devices: int, per_replica_batch: int, num_
     # (1e-6), which Adam amplifies past this comparison's tolerance. test_unet checks the fused
     # layer against Keras' own.
     rt = dataclasses.replace(rt, sync_batch_norm=True)
+    if dtype == "float64":
+        keras.mixed_precision.set_global_policy("float64")
     state = build.build_train_state(config, rt)
     steps = build.make_steps(config, rt, state)
     iterator = iter(rt.strategy.experimental_distribute_dataset(batches(32, num_steps)))
@@ -54,4 +60,5 @@ def main(out: str, strategy: str, cpu_devices: int, per_replica_batch: int, num_
 
 
 if __name__ == "__main__":
-    main(sys.argv[1], sys.argv[2], int(sys.argv[3]), int(sys.argv[4]), int(sys.argv[5]))
+    main(sys.argv[1], sys.argv[2], int(sys.argv[3]), int(sys.argv[4]), int(sys.argv[5]),
+         *sys.argv[6:7])

@@ -118,7 +118,8 @@ def test_kill_9_at_random_moments_never_resumes_from_a_partial_checkpoint(tmp_pa
             ckpt_dir = run_dir / "checkpoints"
             deadline = time.time() + 60
             while time.time() < deadline and proc.poll() is None:
-                if any(p.name.startswith(".tmp-") for p in ckpt_dir.iterdir()):
+                # The folder appears with the first save: before that there is nothing to aim at.
+                if ckpt_dir.is_dir() and any(p.name.startswith(".tmp-") for p in ckpt_dir.iterdir()):
                     break
         else:
             time.sleep(rng.uniform(0.5, 3.0))  # somewhere in a step, an eval or a save
