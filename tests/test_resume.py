@@ -33,6 +33,10 @@ def _checkpoint_values(run_dir) -> dict[str, np.ndarray]:
             if "OBJECT_GRAPH" not in k}
 
 
+def _complete_checkpoints(run_dir) -> list:
+    return CheckpointManager(directory=os.path.join(run_dir, "checkpoints")).entries()
+
+
 def _latest_state(run_dir) -> dict:
     return CheckpointManager(directory=os.path.join(run_dir, "checkpoints")).latest()
 
@@ -122,7 +126,12 @@ def test_kill_9_at_random_moments_never_resumes_from_a_partial_checkpoint(tmp_pa
                 if ckpt_dir.is_dir() and any(p.name.startswith(".tmp-") for p in ckpt_dir.iterdir()):
                     break
         else:
-            time.sleep(rng.uniform(0.5, 3.0))  # somewhere in a step, an eval or a save
+            # Once a checkpoint exists there is something to lose: then somewhere in a step, an
+            # eval or a save.
+            deadline = time.time() + 60
+            while time.time() < deadline and proc.poll() is None and not _complete_checkpoints(run_dir):
+                time.sleep(0.05)
+            time.sleep(rng.uniform(0.0, 2.0))
         if proc.poll() is None:
             proc.kill()
             kills += 1
