@@ -13,6 +13,9 @@ import tensorflow as tf
 class Augment:
     """Random augmentation ranges; every draw is uniform in [-range, +range].
 
+    Every range defaults to off: `Augment()` changes nothing. The training recipe's values come
+    from engine.config.Config, the one place that holds them.
+
     The geometric part covers the seed notebook's Keras recipe and is applied to
     image and mask together, about the image centre. Units:
       rotation_deg: degrees.
@@ -30,12 +33,12 @@ class Augment:
         such a patient's lesion entirely.
     """
 
-    rotation_deg: float = 0.2
-    shift: float = 0.05
-    shear: float = 0.05
-    zoom: float = 0.05
-    hflip: bool = True
-    vflip: bool = True
+    rotation_deg: float = 0.0
+    shift: float = 0.0
+    shear: float = 0.0
+    zoom: float = 0.0
+    hflip: bool = False
+    vflip: bool = False
     brightness: float = 0.0
     contrast: float = 0.0
     gamma: float = 0.0

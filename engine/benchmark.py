@@ -189,7 +189,7 @@ def pipeline_datasets(config: Config, runtime: Runtime, eval_batch: int, *, log)
         from data.lgg import DataError
         raise DataError(f"{config.data_dir} has {len(data.records)} slices, fewer than one global "
                         f"batch of {runtime.global_batch}; lower --batch_size or add patients")
-    augment = build.augment_from_config(config)
+    augment = config.augmentation
 
     def train_ds() -> tf.data.Dataset:
         # Epoch 0 repeated: the same work per batch as any epoch, and identical for engine and fit.
@@ -272,8 +272,7 @@ class FitBaseline:
                  dataset: tf.data.Dataset):
         def loss(masks, logits):
             # The engine's per-example loss; Keras weights it and averages over the batch.
-            return losses.per_example_loss(logits, masks, dice_smooth=config.dice_smooth,
-                                           bce_weight=config.bce_weight, dice_weight=config.dice_weight)
+            return losses.per_example_loss(logits, masks, config.loss)
 
         self.per_call = config.steps_per_execution
         with runtime.strategy.scope():

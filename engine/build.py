@@ -43,17 +43,6 @@ def load_dataset(config: Config, log=logging.info) -> lgg_dataset.LggDataset:
                             cache_dir=cache_dir, log=log)
 
 
-def augment_from_config(config: Config) -> pipeline.Augment | None:
-    """The training augmentation the flags ask for (None with --noaugment)."""
-    if not config.augment:
-        return None
-    return pipeline.Augment(
-        rotation_deg=config.rotation_deg, shift=config.shift, shear=config.shear,
-        zoom=config.zoom, hflip=config.hflip, vflip=config.vflip,
-        brightness=config.brightness, contrast=config.contrast, gamma=config.gamma,
-        missing_sequence=config.missing_sequence)
-
-
 def build_model(config: Config, runtime: Runtime | None = None) -> keras.Model:
     return unet.build_unet(
         image_size=config.image_size, base_filters=config.base_filters, depth=config.depth,
@@ -101,8 +90,7 @@ def make_steps(config: Config, runtime: Runtime, state: TrainState) -> steps_lib
     return steps_lib.Steps(
         model=state.model, optimizer=state.optimizer, strategy=runtime.strategy,
         global_batch=runtime.global_batch, jit_compile=runtime.jit_compile, step=state.step,
-        loss=steps_lib.LossSpec(dice_smooth=config.dice_smooth, bce_weight=config.bce_weight,
-                                dice_weight=config.dice_weight))
+        loss=config.loss)
 
 
 def save_final_model(model: keras.Model, run_dir: str) -> str:

@@ -185,7 +185,7 @@ def train(config: Config, runtime: Runtime, *, log=logging.info) -> dict:
             ds = pipeline.train_dataset(
                 train_set.images, train_set.masks, batch_size=runtime.global_batch,
                 image_size=config.image_size, seed=config.seed, epoch=epoch,
-                augment=build.augment_from_config(config), positive_fraction=config.positive_fraction,
+                augment=config.augmentation, positive_fraction=config.positive_fraction,
                 skip_batches=in_epoch)
             iterator = iter(runtime.strategy.experimental_distribute_dataset(ds))
             epoch_totals = run_state["epoch_totals"] or {}

@@ -43,10 +43,7 @@ def run(config) -> int:
     from engine.loop import NonFiniteLossError
     from engine.rundir import RunDirError
 
-    rt = runtime_lib.resolve(
-        precision=config.precision, jit_compile=config.jit_compile, strategy=config.strategy,
-        batch_size=config.batch_size, threads=config.threads, deterministic=config.deterministic,
-        seed=config.seed, cpu_devices=config.cpu_devices)
+    rt = runtime_lib.resolve(config)
     log(f"brainseg {config.mode}: {rt.describe()}")
     try:
         if config.mode == "train":

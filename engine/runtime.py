@@ -78,28 +78,20 @@ def _make_strategy(name: str, gpus: int, cpu_devices: int) -> tf.distribute.Stra
     return tf.distribute.OneDeviceStrategy("/gpu:0" if gpus else "/cpu:0")
 
 
-def resolve(*, precision: str, jit_compile: str, strategy: str, batch_size: int,
-            threads: int = 0, deterministic: bool = False, seed: int = 0,
-            cpu_devices: int = 0) -> Runtime:
-    """Resolves the device policy and applies it to TensorFlow and Keras.
+def resolve(config) -> Runtime:
+    """Resolves the device policy of a Config and applies it to TensorFlow and Keras.
 
     Must run before any other TensorFlow work in the process: thread counts and
-    logical devices can only be set before the runtime initialises.
-
-    Args:
-      precision: auto | float32 | mixed_float16 | mixed_bfloat16.
-      jit_compile: auto | true | false.
-      strategy: auto | one_device | mirrored | multi_worker.
-      batch_size: the per-replica batch size.
-      threads: intra-op threads (0: TensorFlow's default, all cores).
-      deterministic: turn on op determinism (exact resume tests, debugging).
-      seed: seeds Python, NumPy and TensorFlow's global generators.
-      cpu_devices: split the CPU into this many logical devices, so that
-        MirroredStrategy can be exercised on a machine with no GPU.
+    logical devices can only be set before the runtime initialises. Reads the
+    config's precision, jit_compile, strategy, batch_size, threads,
+    deterministic, seed and cpu_devices (see engine.config for each).
 
     Returns:
       The resolved Runtime.
     """
+    c = config
+    precision, jit_compile, strategy, batch_size = c.precision, c.jit_compile, c.strategy, c.batch_size
+    threads, deterministic, seed, cpu_devices = c.threads, c.deterministic, c.seed, c.cpu_devices
     if threads:
         tf.config.threading.set_intra_op_parallelism_threads(threads)
         tf.config.threading.set_inter_op_parallelism_threads(max(1, min(2, threads)))

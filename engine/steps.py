@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import dataclasses
 import keras
 import tensorflow as tf
 
@@ -10,15 +9,6 @@ from engine.fused_adam import FusedAdam
 from models import losses
 
 COUNT_KEYS = ("intersection", "predicted", "target")
-
-
-@dataclasses.dataclass(frozen=True)
-class LossSpec:
-    """How the per-example loss is weighted; plain values from the config."""
-
-    dice_smooth: float = 1.0
-    bce_weight: float = 1.0
-    dice_weight: float = 1.0
 
 
 def build_optimizer(learning_rate: float, precision: str) -> keras.optimizers.Optimizer:
@@ -53,7 +43,7 @@ class Steps:
     """
 
     def __init__(self, *, model: keras.Model, optimizer: keras.optimizers.Optimizer,
-                 strategy: tf.distribute.Strategy, global_batch: int, loss: LossSpec,
+                 strategy: tf.distribute.Strategy, global_batch: int, loss: losses.LossSpec,
                  jit_compile: bool, step: tf.Variable):
         self.model = model
         self.optimizer = optimizer
@@ -72,9 +62,7 @@ class Steps:
         self.predict = tf.function(self._predict)
 
     def _per_example_loss(self, logits, masks):
-        return losses.per_example_loss(
-            logits, masks, dice_smooth=self.loss.dice_smooth,
-            bce_weight=self.loss.bce_weight, dice_weight=self.loss.dice_weight)
+        return losses.per_example_loss(logits, masks, self.loss)
 
     def _replica_train_step(self, batch):
         variables = self.model.trainable_variables

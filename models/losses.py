@@ -2,11 +2,27 @@
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import numbers
 
 import numpy as np
 import tensorflow as tf
+
+
+@dataclasses.dataclass(frozen=True)
+class LossSpec:
+    """How the per-example loss is weighted (engine.config.Config.loss builds it from the flags).
+
+    Attributes:
+      dice_smooth: added to numerator and denominator of the soft Dice, >= 0.
+      bce_weight: weight of the BCE term, >= 0.
+      dice_weight: weight of the (1 - Dice) term, >= 0.
+    """
+
+    dice_smooth: float
+    bce_weight: float
+    dice_weight: float
 
 
 def _check_non_negative(name: str, value) -> None:
@@ -22,8 +38,7 @@ def _pixel_axes(x: tf.Tensor) -> list[int]:
     return list(range(1, x.shape.rank))
 
 
-def per_example_loss(logits, masks, *, dice_smooth: float = 1.0, bce_weight: float = 1.0,
-                     dice_weight: float = 1.0) -> tf.Tensor:
+def per_example_loss(logits, masks, spec: LossSpec) -> tf.Tensor:
     """BCE plus soft-Dice loss of each example, computed from logits in float32.
 
     loss[b] = bce_weight * mean over pixels of BCE(sigmoid(logits), masks)
@@ -36,11 +51,9 @@ def per_example_loss(logits, masks, *, dice_smooth: float = 1.0, bce_weight: flo
     Args:
       logits: [B, H, W, 1] (or any [B, ...]) logits of any float dtype; cast to float32.
       masks: targets in {0, 1}, same shape as logits.
-      dice_smooth: added to numerator and denominator of Dice, >= 0. It makes a
-        near-empty prediction of an empty mask score close to Dice 1; with 0 such
-        a slice scores 0 (and exactly 1 only when every probability underflows to 0).
-      bce_weight: weight of the BCE term, >= 0.
-      dice_weight: weight of the (1 - Dice) term, >= 0.
+      spec: the weights. Its dice_smooth makes a near-empty prediction of an empty
+        mask score close to Dice 1; with 0 such a slice scores 0 (and exactly 1 only
+        when every probability underflows to 0).
 
     Returns:
       float32 Tensor [B].
@@ -49,6 +62,7 @@ def per_example_loss(logits, masks, *, dice_smooth: float = 1.0, bce_weight: flo
       ValueError: if dice_smooth or a weight is negative or not finite, or the
         shapes of logits and masks differ.
     """
+    dice_smooth, bce_weight, dice_weight = spec.dice_smooth, spec.bce_weight, spec.dice_weight
     _check_non_negative("dice_smooth", dice_smooth)
     _check_non_negative("bce_weight", bce_weight)
     _check_non_negative("dice_weight", dice_weight)

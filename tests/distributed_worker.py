@@ -39,10 +39,8 @@ def main(out: str, strategy: str, cpu_devices: int, per_replica_batch: int, num_
          dtype: str = "float32") -> None:
     config = Config(image_size=32, base_filters=4, depth=2, batch_size=per_replica_batch,
                     learning_rate=1e-2, precision="float32", jit_compile="false",
-                    strategy=strategy, cpu_devices=cpu_devices, seed=3)
-    rt = runtime.resolve(precision=config.precision, jit_compile=config.jit_compile,
-                         strategy=config.strategy, batch_size=config.batch_size,
-                         seed=config.seed, cpu_devices=config.cpu_devices, deterministic=True)
+                    strategy=strategy, cpu_devices=cpu_devices, seed=3, deterministic=True)
+    rt = runtime.resolve(config)
     assert rt.global_batch == GLOBAL_BATCH, rt.describe()
     # Every run uses the synchronized (Keras op-by-op) BatchNorm that mirrored runs need, so the
     # runs differ only in the strategy: the fused kernel one device would use rounds differently

@@ -12,9 +12,7 @@ from tests.helpers import read_history, tiny_config
 
 
 def _resolve(config):
-    return runtime.resolve(precision=config.precision, jit_compile=config.jit_compile,
-                           strategy=config.strategy, batch_size=config.batch_size,
-                           seed=config.seed)
+    return runtime.resolve(config)
 
 
 @pytest.fixture(scope="module")

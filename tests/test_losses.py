@@ -2,11 +2,15 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import numpy as np
 import pytest
 import tensorflow as tf
 
 from models import losses
+
+DEFAULT = losses.LossSpec(dice_smooth=1.0, bce_weight=1.0, dice_weight=1.0)
 
 
 def _np_sigmoid(x):
@@ -45,8 +49,8 @@ def _np_counts(logits, masks, weights, threshold=0.5):
 def test_per_example_loss_matches_numpy(smooth, bce_weight, dice_weight):
     logits, masks = _random_batch(np.random.default_rng(1))
     masks[0] = 0  # an empty slice, as most LGG slices are
-    got = losses.per_example_loss(logits, masks, dice_smooth=smooth, bce_weight=bce_weight,
-                                  dice_weight=dice_weight)
+    got = losses.per_example_loss(logits, masks, losses.LossSpec(
+        dice_smooth=smooth, bce_weight=bce_weight, dice_weight=dice_weight))
     assert got.dtype == tf.float32 and tuple(got.shape) == (4,)
     np.testing.assert_allclose(
         got.numpy(), _np_loss(logits, masks, smooth, bce_weight, dice_weight), rtol=1e-5,
@@ -55,7 +59,7 @@ def test_per_example_loss_matches_numpy(smooth, bce_weight, dice_weight):
 
 def test_loss_casts_float16_logits_and_works_in_tf_function():
     logits, masks = _random_batch(np.random.default_rng(2))
-    compiled = tf.function(losses.per_example_loss)
+    compiled = tf.function(lambda x, m: losses.per_example_loss(x, m, DEFAULT))
     got = compiled(tf.constant(logits, tf.float16), tf.constant(masks))
     assert got.dtype == tf.float32
     expected = _np_loss(logits.astype(np.float16).astype(np.float32), masks, 1.0, 1.0, 1.0)
@@ -68,7 +72,7 @@ def test_loss_stable_for_huge_logits():
     signs = np.where(rng.uniform(size=masks.shape) < 0.5, 1.0, -1.0).astype(np.float32)
     logits = tf.Variable(1e4 * signs)
     with tf.GradientTape() as tape:
-        loss = losses.per_example_loss(logits, masks)
+        loss = losses.per_example_loss(logits, masks, DEFAULT)
         total = tf.reduce_sum(loss)
     grad = tape.gradient(total, logits)
     assert np.all(np.isfinite(loss.numpy()))
@@ -85,7 +89,8 @@ def test_loss_stable_for_huge_logits():
 def test_perfect_empty_prediction_has_zero_loss_and_finite_gradient(smooth):
     logits = tf.Variable(tf.fill([2, 8, 8, 1], -1e4))
     with tf.GradientTape() as tape:
-        loss = losses.per_example_loss(logits, tf.zeros([2, 8, 8, 1]), dice_smooth=smooth)
+        loss = losses.per_example_loss(logits, tf.zeros([2, 8, 8, 1]),
+                                       dataclasses.replace(DEFAULT, dice_smooth=smooth))
     grad = tape.gradient(loss, logits)
     np.testing.assert_allclose(loss.numpy(), 0.0, atol=1e-6)
     assert np.all(np.isfinite(grad.numpy()))
@@ -99,12 +104,12 @@ def test_perfect_empty_prediction_has_zero_loss_and_finite_gradient(smooth):
 def test_loss_rejects_bad_arguments(kwargs, message):
     logits, masks = _random_batch(np.random.default_rng(4), batch=1, size=4)
     with pytest.raises(ValueError, match=message):
-        losses.per_example_loss(logits, masks, **kwargs)
+        losses.per_example_loss(logits, masks, dataclasses.replace(DEFAULT, **kwargs))
 
 
 def test_loss_rejects_mismatched_shapes():
     with pytest.raises(ValueError, match="same shape"):
-        losses.per_example_loss(tf.zeros([2, 8, 8, 1]), tf.zeros([2, 8, 8]))
+        losses.per_example_loss(tf.zeros([2, 8, 8, 1]), tf.zeros([2, 8, 8]), DEFAULT)
 
 
 @pytest.mark.parametrize("threshold", [0.5, 0.8, 0.1])

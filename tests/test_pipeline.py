@@ -1,5 +1,7 @@
 """Tests for the tf.data pipelines (data/pipeline.py)."""
 
+import dataclasses
+
 import numpy as np
 import pytest
 import tensorflow as tf
@@ -8,6 +10,8 @@ from data import pipeline
 
 N, H = 40, 48  # slices, input side
 THRESHOLD = 128  # mask = FLAIR channel > THRESHOLD
+# The seed notebook's geometric augmentation.
+GEO = pipeline.Augment(rotation_deg=0.2, shift=0.05, shear=0.05, zoom=0.05, hflip=True, vflip=True)
 
 
 def _arrays(n=N, size=H, positive_every=1, seed=0):
@@ -38,7 +42,7 @@ def _collect(ds):
 
 
 def _train(images, masks, **kw):
-    args = dict(batch_size=8, image_size=32, seed=0, epoch=0, augment=pipeline.Augment())
+    args = dict(batch_size=8, image_size=32, seed=0, epoch=0, augment=GEO)
     args.update(kw)
     return pipeline.train_dataset(images, masks, **args)
 
@@ -93,7 +97,7 @@ def test_preprocess_and_resize_masks():
 
 def test_an_epoch_is_reproducible_and_epochs_and_seeds_differ():
     images, masks = _arrays()
-    aug = pipeline.Augment(rotation_deg=10.0, brightness=0.1, contrast=0.1, gamma=0.1)
+    aug = dataclasses.replace(GEO, rotation_deg=10.0, brightness=0.1, contrast=0.1, gamma=0.1)
     a = _collect(_train(images, masks, augment=aug, epoch=3))
     b = _collect(_train(images, masks, augment=aug, epoch=3))
     for k in a:
@@ -117,7 +121,7 @@ def test_skip_batches_resumes_on_the_same_batches():
 
 def test_augmentation_keeps_masks_binary_and_aligned():
     images, masks = _arrays()
-    aug = pipeline.Augment(rotation_deg=30.0, shift=0.1, shear=0.1, zoom=0.1)
+    aug = dataclasses.replace(GEO, rotation_deg=30.0, shift=0.1, shear=0.1, zoom=0.1)
     out = _collect(_train(images, masks, image_size=H, augment=aug))
     plain = _collect(_train(images, masks, image_size=H, augment=None))
     assert set(np.unique(out["mask"])) == {0.0, 1.0}
@@ -135,8 +139,8 @@ def test_augmentation_keeps_masks_binary_and_aligned():
 
 def test_intensity_augmentation_changes_images_not_masks():
     images, masks = _arrays()
-    geo = pipeline.Augment()
-    both = pipeline.Augment(brightness=0.2, contrast=0.2, gamma=0.2)
+    geo = GEO
+    both = dataclasses.replace(GEO, brightness=0.2, contrast=0.2, gamma=0.2)
     a = _collect(_train(images, masks, augment=geo))
     b = _collect(_train(images, masks, augment=both))
     np.testing.assert_array_equal(a["mask"], b["mask"])
@@ -175,9 +179,9 @@ def test_missing_sequence_replaces_pre_and_post_contrast_by_flair():
     images, masks = _arrays()
     images[..., 0] = 0.1  # distinct channels, so a replaced one shows
     images[..., 2] = 0.9
-    geo = _collect(_train(images, masks, augment=pipeline.Augment()))
-    always = _collect(_train(images, masks, augment=pipeline.Augment(missing_sequence=1.0)))
-    half = _collect(_train(images, masks, augment=pipeline.Augment(missing_sequence=0.5)))
+    geo = _collect(_train(images, masks, augment=GEO))
+    always = _collect(_train(images, masks, augment=dataclasses.replace(GEO, missing_sequence=1.0)))
+    half = _collect(_train(images, masks, augment=dataclasses.replace(GEO, missing_sequence=0.5)))
     np.testing.assert_array_equal(always["image"][..., 0], always["image"][..., 1])
     np.testing.assert_array_equal(always["image"][..., 2], always["image"][..., 1])
     # Its own draws: FLAIR, the masks and the geometry stay exactly as without it.

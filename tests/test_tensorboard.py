@@ -32,8 +32,7 @@ def run(tmp_path_factory):
     """One tiny training run shared by every test here."""
     config = tiny_config(tmp_path_factory.mktemp("tensorboard") / "run", epochs=EPOCHS,
                          log_every=LOG_EVERY, num_overlays=OVERLAYS)
-    rt = runtime.resolve(precision=config.precision, jit_compile=config.jit_compile,
-                         strategy=config.strategy, batch_size=config.batch_size, seed=config.seed)
+    rt = runtime.resolve(config)
     loop.train(config, rt, log=print)
     return config
 
