@@ -8,13 +8,15 @@ import logging
 import os
 import pathlib
 import re
-from typing import Callable, Iterable
+from typing import Iterable
 
 import numpy as np
 
 from data import decode as decode_lib
 from data import lgg
 from data.lgg import DataError, Problem, SliceRecord
+
+log = logging.getLogger(__name__)
 
 
 @dataclasses.dataclass(frozen=True, eq=False)
@@ -107,8 +109,7 @@ def load_with_problems(data_dir, *, cache_dir: str | None = None) -> LoadReport:
     return LoadReport(dataset, problems, root, decoded.from_cache, with_rows)
 
 
-def load(data_dir, *, skip_bad_slices: bool = False, cache_dir: str | None = None,
-         log: Callable[[str], None] = logging.info) -> LggDataset:
+def load(data_dir, *, skip_bad_slices: bool = False, cache_dir: str | None = None) -> LggDataset:
     """Loads and validates a kaggle_3m folder.
 
     Args:
@@ -116,7 +117,6 @@ def load(data_dir, *, skip_bad_slices: bool = False, cache_dir: str | None = Non
         patient folders directly in DIR.
       skip_bad_slices: log each problem and skip the affected slices instead of raising.
       cache_dir: decode cache folder (see default_cache_dir), or None for no cache.
-      log: where progress and skipped-slice messages go.
 
     Returns:
       The LggDataset of every good slice.
@@ -132,15 +132,15 @@ def load(data_dir, *, skip_bad_slices: bool = False, cache_dir: str | None = Non
             f"{len(problems)} problem(s) in {report.dataset_root}:\n{lgg.format_problems(problems)}\n"
             "Fix or remove these files, or pass --skip_bad_slices to skip the affected slices.")
     for p in problems:
-        log(f"skipping bad input: {p}")
+        log.info(f"skipping bad input: {p}")
     if problems:
-        log(f"skipped {len(problems)} problem(s) in {report.dataset_root} "
+        log.info(f"skipped {len(problems)} problem(s) in {report.dataset_root} "
             f"({len({p.path for p in problems})} file(s)); {len(ds.records)} good slices remain")
     if not ds.records:
         raise DataError(f"{report.dataset_root}: no usable slices found")
     clinical = ("no data.csv" if report.clinical_patients is None
                 else f"data.csv rows for {report.clinical_patients}/{len(ds.patients)} patients")
-    log(f"loaded {len(ds.records)} slices ({int(ds.positive.sum())} lesion-positive) of "
+    log.info(f"loaded {len(ds.records)} slices ({int(ds.positive.sum())} lesion-positive) of "
         f"{len(ds.patients)} patients from {report.dataset_root}"
         f"{' (decode cache)' if report.from_cache else ''}; {clinical}")
     return ds

@@ -1,12 +1,8 @@
-"""The patient-level train/val/test split and its split.json in the run directory."""
+"""The patient-level train/val/test split: made from a seed, or checked when read back."""
 
 from __future__ import annotations
 
-import json
 import logging
-import os
-import pathlib
-import tempfile
 
 import numpy as np
 from sklearn.model_selection import GroupShuffleSplit
@@ -14,7 +10,6 @@ from sklearn.model_selection import GroupShuffleSplit
 from data.lgg import DataError
 
 SPLITS = ("train", "val", "test")
-SPLIT_FILE = "split.json"
 # Re-draws allowed to find a split where every part has lesion-positive slices. Each draw comes from
 # one RandomState(seed), so the accepted split is still a pure function of the seed.
 MAX_DRAWS = 1000
@@ -132,82 +127,40 @@ def _kfold_split(groups: np.ndarray, positive: np.ndarray, *, val_fraction: floa
                     "the test fold has lesion-positive slices to train on; use fewer folds or add data")
 
 
-def _write_json_atomic(path: pathlib.Path, obj) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=path.name + ".", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w") as f:
-            json.dump(obj, f, indent=1)
-            f.write("\n")
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        pathlib.Path(tmp).unlink(missing_ok=True)
-        raise
-
-
-def _read_split(path: pathlib.Path, dataset) -> dict[str, list[str]]:
-    try:
-        stored = json.loads(path.read_text())
-        split = {k: stored[k] for k in SPLITS}
-        if not all(isinstance(v, list) and all(isinstance(p, str) for p in v) for v in split.values()):
-            raise TypeError("each split must be a list of patient names")
-    except (OSError, ValueError, KeyError, TypeError) as e:
-        raise DataError(f"{path}: unreadable split file ({type(e).__name__}: {e}); "
-                        "delete it to make a new split") from None
-    unknown = sorted({p for v in split.values() for p in v} - set(dataset.patients))
-    if unknown:
-        raise DataError(f"{path}: names {len(unknown)} patient(s) not in the dataset: "
-                        f"{', '.join(unknown)}; use the same --data_dir as the run, or a new run_dir")
-    seen: dict[str, str] = {}
-    for k in SPLITS:
-        for p in split[k]:
-            if p in seen:
-                raise DataError(f"{path}: patient {p} is in both {seen[p]} and {k}")
-            seen[p] = k
-    unused = len(dataset.patients) - len(seen)
-    if unused:
-        log.warning("%s: %d dataset patient(s) are in no split and will not be used", path, unused)
-    return {k: sorted(v) for k, v in split.items()}
-
-
-def load_or_make_split(run_dir, dataset, *, val_fraction: float, test_fraction: float,
-                       seed: int, num_folds: int = 0, fold: int = 0) -> dict[str, list[str]]:
-    """Reuses run_dir/split.json if present (so a resumed run keeps its split), else makes and writes it.
+def check_split(stored, dataset, source) -> dict[str, list[str]]:
+    """Validates a stored split (split.json's content) against the dataset.
 
     Args:
-      run_dir: the run directory.
-      dataset: the LggDataset.
-      val_fraction, test_fraction, seed, num_folds, fold: as in make_split; used only when there
-        is no split.json.
+      stored: the parsed JSON: a dict with "train", "val" and "test" lists of patient names.
+      dataset: the LggDataset it must fit.
+      source: where it came from, for the messages (a path).
 
     Returns:
       {"train": [...], "val": [...], "test": [...]} of sorted patient folder names.
 
     Raises:
-      DataError: split.json is unreadable, names patients not in the dataset, lists a patient
-        twice, or was made for another fold; or a new split is impossible (see make_split).
+      DataError: it is not such a dict, names patients not in the dataset, or lists one twice.
     """
-    path = pathlib.Path(run_dir) / SPLIT_FILE
-    if path.exists():
-        split = _read_split(path, dataset)
-        stored = json.loads(path.read_text())
-        # Another fold's split would score other held-out patients: refused, not reused. Files
-        # written before folds existed have no such keys and were fraction splits (0/0).
-        stored_fold = {"num_folds": stored.get("num_folds", 0), "fold": stored.get("fold", 0)}
-        if stored_fold != {"num_folds": num_folds, "fold": fold}:
-            raise DataError(f"{path} was made with --num_folds={stored_fold['num_folds']} "
-                            f"--fold={stored_fold['fold']}, not --num_folds={num_folds} --fold={fold}; "
-                            "use a run directory per fold")
-        requested = {"seed": seed, "val_fraction": val_fraction, "test_fraction": test_fraction}
-        if any(k in stored and stored[k] != v for k, v in requested.items()):
-            log.warning("%s was made with %s; reusing it although %s was requested", path,
-                        {k: stored.get(k) for k in requested}, requested)
-        return split
-    split = make_split(dataset, val_fraction=val_fraction, test_fraction=test_fraction, seed=seed,
-                       num_folds=num_folds, fold=fold)
-    _write_json_atomic(path, {"seed": seed, "val_fraction": val_fraction,
-                              "test_fraction": test_fraction, "num_folds": num_folds, "fold": fold,
-                              **split})
-    return split
+    try:
+        if not isinstance(stored, dict):
+            raise TypeError(f"expected a JSON object, got {type(stored).__name__}")
+        split = {k: stored[k] for k in SPLITS}
+        if not all(isinstance(v, list) and all(isinstance(p, str) for p in v) for v in split.values()):
+            raise TypeError("each split must be a list of patient names")
+    except (KeyError, TypeError) as e:
+        raise DataError(f"{source}: unreadable split file ({type(e).__name__}: {e}); "
+                        "delete it to make a new split") from None
+    unknown = sorted({p for v in split.values() for p in v} - set(dataset.patients))
+    if unknown:
+        raise DataError(f"{source}: names {len(unknown)} patient(s) not in the dataset: "
+                        f"{', '.join(unknown)}; use the same --data_dir as the run, or a new run_dir")
+    seen: dict[str, str] = {}
+    for k in SPLITS:
+        for p in split[k]:
+            if p in seen:
+                raise DataError(f"{source}: patient {p} is in both {seen[p]} and {k}")
+            seen[p] = k
+    unused = len(dataset.patients) - len(seen)
+    if unused:
+        log.warning(f"{source}: {unused} dataset patient(s) are in no split and will not be used")
+    return {k: sorted(v) for k, v in split.items()}

@@ -13,11 +13,14 @@ import keras
 import numpy as np
 import tensorflow as tf
 
-from engine import build, roofline, rundir
+from engine import build, roofline
 from engine import steps as steps_lib
 from engine.config import Config
+from engine.rundir import RunDir
 from engine.runtime import Runtime
 from models import losses, unet
+
+log = logging.getLogger(__name__)
 
 BENCHMARK_FILE = "benchmark.json"
 SYNTHETIC_BATCHES = 4  # distinct device-resident batches, cycled
@@ -103,13 +106,12 @@ def _calls(steps: int, per_call: int) -> int:
     return max(1, math.ceil(steps / per_call))
 
 
-def measure_peak(runtime: Runtime, compute_dtype: str, *, log=logging.info) -> Peak:
+def measure_peak(runtime: Runtime, compute_dtype: str) -> Peak:
     """The peak to measure utilisation against: the GPU table, or the CPU conv probe.
 
     Args:
       runtime: the resolved device policy (GPU names, precision, replicas, workers).
       compute_dtype: the policy's compute dtype, which the CPU probe runs in.
-      log: where a missing GPU row is reported.
 
     Returns:
       The Peak: TFLOP/s of all replicas together (None for an unknown GPU) and its source.
@@ -118,7 +120,7 @@ def measure_peak(runtime: Runtime, compute_dtype: str, *, log=logging.info) -> P
         tf32 = tf.config.experimental.tensor_float_32_execution_enabled()
         per_gpu = roofline.gpu_peak_tflops(runtime.gpus[0], runtime.precision, tf32=tf32)
         if per_gpu is None:
-            log(f"No peak known for {runtime.gpus[0]!r} at {runtime.precision}: utilisation is not "
+            log.info(f"No peak known for {runtime.gpus[0]!r} at {runtime.precision}: utilisation is not "
                 f"reported (add the device to GPU_PEAKS in engine/roofline.py).")
             return Peak(None, f"unknown GPU {runtime.gpus[0]}")
         row = roofline.gpu_peak(runtime.gpus[0])
@@ -166,14 +168,13 @@ def synthetic_dataset(config: Config, batch: int) -> tf.data.Dataset:
     return tf.data.Dataset.from_tensor_slices(arrays).batch(batch, drop_remainder=True).cache().repeat()
 
 
-def pipeline_datasets(config: Config, runtime: Runtime, eval_batch: int, *, log) -> tuple:
+def pipeline_datasets(config: Config, runtime: Runtime, eval_batch: int) -> tuple:
     """The real input pipeline (decode cache, augmentation, sampling) over every slice, repeated.
 
     Args:
       config: data, augmentation and sampling flags.
       runtime: gives the global batch.
       eval_batch: the global eval batch size.
-      log: progress lines.
 
     Returns:
       (a function that makes the training dataset, so that engine and fit each
@@ -184,7 +185,7 @@ def pipeline_datasets(config: Config, runtime: Runtime, eval_batch: int, *, log)
     """
     from data import pipeline
 
-    data = build.load_dataset(config, log=log)
+    data = build.load_dataset(config)
     if pipeline.train_batches_per_epoch(len(data.records), runtime.global_batch) == 0:
         from data.lgg import DataError
         raise DataError(f"{config.data_dir} has {len(data.records)} slices, fewer than one global "
@@ -200,7 +201,7 @@ def pipeline_datasets(config: Config, runtime: Runtime, eval_batch: int, *, log)
 
     eval_ds = pipeline.eval_dataset(data.images, data.masks, batch_size=eval_batch,
                                     image_size=config.image_size)
-    log(f"Input pipeline over {len(data.records)} slices from {config.data_dir} "
+    log.info(f"Input pipeline over {len(data.records)} slices from {config.data_dir} "
         f"(augmentation {'on' if augment else 'off'})")
     return train_ds, eval_ds
 
@@ -356,7 +357,7 @@ def time_evaluation(config: Config, runtime: Runtime, steps: steps_lib.Steps,
     return Timing(tuple(timed), first, 1, eval_batch)
 
 
-def run(config: Config, runtime: Runtime, *, log=logging.info) -> dict:
+def run(config: Config, runtime: Runtime) -> dict:
     """Benchmarks the training and eval steps and writes `benchmark.json` in the run directory.
 
     The timed steps are the very tf.functions training uses (engine.build), on
@@ -366,7 +367,6 @@ def run(config: Config, runtime: Runtime, *, log=logging.info) -> dict:
     Args:
       config: the run's configuration (model, batch, --benchmark_* flags).
       runtime: the resolved device policy.
-      log: where the table and progress lines go.
 
     Returns:
       The report written to benchmark.json.
@@ -377,15 +377,15 @@ def run(config: Config, runtime: Runtime, *, log=logging.info) -> dict:
     os.makedirs(config.run_dir, exist_ok=True)
     size = unet.unet_size(image_size=config.image_size, base_filters=config.base_filters,
                           depth=config.depth, batch_norm=config.batch_norm)
-    eval_batch = (config.eval_batch_size or config.batch_size) * runtime.replicas
+    eval_batch = config.eval_batch * runtime.replicas
     # The data first: a bad --data_dir fails before any time is spent measuring.
     if config.benchmark_data == "pipeline":
-        make_train_ds, eval_ds = pipeline_datasets(config, runtime, eval_batch, log=log)
+        make_train_ds, eval_ds = pipeline_datasets(config, runtime, eval_batch)
     else:
         make_train_ds = lambda: synthetic_dataset(config, runtime.global_batch)  # noqa: E731
         eval_ds = synthetic_dataset(config, eval_batch)
-    peak = measure_peak(runtime, keras.mixed_precision.global_policy().compute_dtype, log=log)
-    log(f"Peak: {f'{peak.tflops:.3f} TFLOP/s' if peak.tflops else 'unknown'} ({peak.source})")
+    peak = measure_peak(runtime, keras.mixed_precision.global_policy().compute_dtype)
+    log.info(f"Peak: {f'{peak.tflops:.3f} TFLOP/s' if peak.tflops else 'unknown'} ({peak.source})")
 
     state = build.build_train_state(config, runtime)
     steps = build.make_steps(config, runtime, state)
@@ -421,15 +421,14 @@ def run(config: Config, runtime: Runtime, *, log=logging.info) -> dict:
             np.median(fit.step_seconds) / np.median(train.step_seconds))
     if config.benchmark_profile:
         report["profile_dir"] = profile(steps, iterator, config.run_dir, calls=3,
-                                        per_call=config.steps_per_execution, log=log)
-    if runtime.is_chief:
-        rundir.write_json_atomic(os.path.join(config.run_dir, BENCHMARK_FILE), report)
+                                        per_call=config.steps_per_execution)
+    RunDir(config.run_dir, writer=runtime.is_chief).write_json(BENCHMARK_FILE, report)
     for line in table(report, config, runtime).splitlines():
-        log(line)
+        log.info(line)
     return report
 
 
-def profile(steps: steps_lib.Steps, iterator, run_dir: str, *, calls: int, per_call: int, log) -> str:
+def profile(steps: steps_lib.Steps, iterator, run_dir: str, *, calls: int, per_call: int) -> str:
     """Captures a profiler trace of a few more train calls (after the timed ones, so it skews nothing).
 
     Returns:
@@ -441,7 +440,7 @@ def profile(steps: steps_lib.Steps, iterator, run_dir: str, *, calls: int, per_c
     finally:
         tf.profiler.experimental.stop()
     path = os.path.join(run_dir, "plugins", "profile")
-    log(f"Profiled {calls * per_call} train steps ({np.mean([w for w, _ in samples]) * 1e3:.0f} "
+    log.info(f"Profiled {calls * per_call} train steps ({np.mean([w for w, _ in samples]) * 1e3:.0f} "
         f"ms/step under the "
         f"profiler) into {path}: tensorboard --logdir {run_dir} (profile tab; needs "
         f"pip install tensorboard-plugin-profile)")

@@ -1,25 +1,26 @@
-"""Builds what every mode needs from the config: the dataset, the model and the training state."""
+"""Builds what every mode needs from the config: the data and its split, the model, the training state."""
 
 from __future__ import annotations
 
 import dataclasses
 import logging
-import os
 
 import keras
 import tensorflow as tf
 
 from data import dataset as lgg_dataset
-from data import lgg, pipeline, synthetic
+from data import lgg, synthetic
+from engine import inference
 from engine import steps as steps_lib
 from engine.config import Config
+from engine.rundir import FINAL_MODEL, RunDir
 from engine.runtime import Runtime
 from models import unet
 
-FINAL_MODEL = "final_model.keras"
+log = logging.getLogger(__name__)
 
 
-def load_dataset(config: Config, log=logging.info) -> lgg_dataset.LggDataset:
+def load_dataset(config: Config) -> lgg_dataset.LggDataset:
     """Loads and validates the data, first generating the synthetic set if asked and missing.
 
     Raises:
@@ -29,7 +30,7 @@ def load_dataset(config: Config, log=logging.info) -> lgg_dataset.LggDataset:
         try:
             lgg.find_patient_dirs(config.data_dir)
         except lgg.DataError:
-            log(f"No patients under {config.data_dir}: writing {config.synthetic_patients} "
+            log.info(f"No patients under {config.data_dir}: writing {config.synthetic_patients} "
                 f"synthetic patients there (--synthetic_patients).")
             try:
                 synthetic.write_dataset(config.data_dir, patients=config.synthetic_patients,
@@ -40,7 +41,37 @@ def load_dataset(config: Config, log=logging.info) -> lgg_dataset.LggDataset:
                     f"{config.data_dir} ({e}); point --data_dir at an empty or new folder") from None
     cache_dir = config.cache_dir or lgg_dataset.default_cache_dir()
     return lgg_dataset.load(config.data_dir, skip_bad_slices=config.skip_bad_slices,
-                            cache_dir=cache_dir, log=log)
+                            cache_dir=cache_dir)
+
+
+@dataclasses.dataclass(frozen=True)
+class SplitData:
+    """The loaded dataset and its patient split; `part(name)` is one split's slices."""
+
+    dataset: lgg_dataset.LggDataset
+    split: dict[str, list[str]]
+
+    def part(self, name: str) -> lgg_dataset.LggDataset:
+        return self.dataset.subset(self.split[name])
+
+
+def load_split(config: Config, run: RunDir, *, create: bool) -> SplitData:
+    """The one way any mode gets its data: the dataset, and the run's split of it.
+
+    Args:
+      config: data flags, and the split flags used when the run has no split.json yet.
+      run: the run directory holding (or about to hold) split.json.
+      create: True for training, which makes and records the split; False for readers
+        (evaluate), which need a trained run's split.json.
+
+    Raises:
+      lgg.DataError: bad data, a split.json that does not fit it, or none where one is needed.
+    """
+    dataset = load_dataset(config)
+    split = run.load_or_make_split(dataset, val_fraction=config.val_fraction,
+                                   test_fraction=config.test_fraction, seed=config.seed,
+                                   num_folds=config.num_folds, fold=config.fold, create=create)
+    return SplitData(dataset, split)
 
 
 def build_model(config: Config, runtime: Runtime | None = None) -> keras.Model:
@@ -93,42 +124,21 @@ def make_steps(config: Config, runtime: Runtime, state: TrainState) -> steps_lib
         loss=config.loss)
 
 
-def save_final_model(model: keras.Model, run_dir: str) -> str:
+def save_final_model(model: keras.Model, run: RunDir) -> str | None:
     """Writes the model atomically, so a crash never leaves a half-written final model."""
-    path = os.path.join(run_dir, FINAL_MODEL)
-    tmp = os.path.join(run_dir, f".tmp-{os.getpid()}-{FINAL_MODEL}")
-    model.save(tmp)
-    with open(tmp, "rb") as f:
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-    return path
+    return run.write(FINAL_MODEL, lambda tmp: model.save(tmp))
 
 
-def load_trained_model(config: Config, runtime: Runtime | None = None, log=logging.info) -> keras.Model:
-    """The model evaluate, predict and export use: --checkpoint if given, else the run's final model.
-
-    --checkpoint may name a run directory, its checkpoints folder or one
-    checkpoint; weights are read into a model built from the current config.
+def trained_model(config: Config) -> tuple[keras.Model, str, int]:
+    """The model a reading mode uses (--checkpoint, else the run's final model), its source and
+    its input size (the model's own shape wins over --image_size).
 
     Raises:
       CheckpointError: nothing loadable where the flags point.
     """
-    from engine import checkpoint as checkpoint_lib
-
-    if config.checkpoint:
-        model = build_model(config)
-        info = checkpoint_lib.restore(tf.train.Checkpoint(model=model), config.checkpoint,
-                                      partial=True)
-        log(f"Model weights from checkpoint {info.path}")
-        return model
-    path = os.path.join(config.run_dir, FINAL_MODEL)
-    if not os.path.exists(path):
-        raise checkpoint_lib.CheckpointError(
-            f"{path} does not exist: train first (--mode=train with the same --run_name/--model_dir), "
-            f"or name a checkpoint with --checkpoint")
-    try:
-        model = keras.models.load_model(path, compile=False)
-    except Exception as e:  # A damaged file: name it rather than show Keras' internals.
-        raise checkpoint_lib.CheckpointError(f"{path} could not be loaded ({type(e).__name__}: {e})") from None
-    log(f"Model from {path}")
-    return model
+    model, source = inference.load_model(config.run_dir, config.checkpoint,
+                                         build=lambda: build_model(config))
+    image_size = inference.model_image_size(model, config.image_size)
+    if image_size != config.image_size:
+        log.info(f"The model takes {image_size}x{image_size} inputs (--image_size={config.image_size} ignored)")
+    return model, source, image_size

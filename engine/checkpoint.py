@@ -14,17 +14,20 @@ import shutil
 
 import tensorflow as tf
 
+from engine.atomic import fsync_dir as _fsync_dir
+from engine.policies import BestMetric
+
+log = logging.getLogger(__name__)
+
 # Layout of a checkpoint directory, `<directory>/ckpt-<step:09d>/`:
 #   ckpt.index, ckpt.data-*   what tf.train.Checkpoint.write(<dir>/ckpt) writes
-#   state.json                step, epoch, metrics, run state, and the size and
-#                             sha256 of every file above, with a checksum of itself
-# Each checkpoint directory therefore verifies on its own. <directory>/manifest.json
-# is an index of them (the same hashes, plus the monitor and the best), rewritten
-# after every save and rebuilt from the state.json files when it is missing,
-# unreadable or stale; nothing is ever trusted because the manifest says so.
+#   state.json                step, epoch, metrics, the monitor that ranks them, the run
+#                             state, and the size and sha256 of every file above, with a
+#                             checksum of itself
+# Each checkpoint directory therefore verifies on its own, and the directory listing is the
+# index: there is no separate manifest to fall out of date.
 PREFIX = "ckpt"
 STATE_FILE = "state.json"
-MANIFEST_FILE = "manifest.json"
 CHECKPOINTS_SUBDIR = "checkpoints"  # <run_dir>/checkpoints, where the training loop keeps them
 FORMAT = 1
 _CKPT_DIR = re.compile(r"^ckpt-(\d+)$")
@@ -50,6 +53,8 @@ class CheckpointInfo:
     epoch: int
     metrics: dict  # {"val_loss": 0.12, ...}; empty for mid-epoch saves
     state: dict  # JSON-able run state: policies, data order, best metric, ...
+    monitor: str | None = None  # the metric its manager ranked checkpoints by
+    mode: str | None = None  # "min" or "max" for that metric
 
 
 class CheckpointManager:
@@ -60,15 +65,14 @@ class CheckpointManager:
     """
 
     def __init__(self, *, directory: str, keep: int = 3, monitor: str = "val_loss",
-                 mode: str = "min", log=logging.info):
+                 mode: str = "min"):
         """Creates nothing on disk, so it can also point at another run's checkpoints.
 
         Args:
-          directory: where the `ckpt-*` directories and manifest.json live.
+          directory: where the `ckpt-*` directories live.
           keep: how many of the latest checkpoints to keep, besides the best.
           monitor: the metric that picks the best checkpoint, e.g. "val_loss".
           mode: "min" or "max": whether a lower or a higher `monitor` is better.
-          log: called with one user-facing line per event worth reporting.
 
         Raises:
           ValueError: `keep` is below 1 or `mode` is neither "min" nor "max".
@@ -81,7 +85,6 @@ class CheckpointManager:
         self.keep = keep
         self.monitor = monitor
         self.mode = mode
-        self._log = log
 
     # -- Reading -----------------------------------------------------------------
 
@@ -104,22 +107,13 @@ class CheckpointManager:
         """The checkpoint with the best finite `monitor` (the earliest on ties), or None."""
         return _best(self.entries(), self.monitor, self.mode)
 
-    def verify(self, info_or_path: CheckpointInfo | str) -> CheckpointInfo:
-        """Checks that every file of a checkpoint is present, of its saved size and sha256.
-
-        Raises:
-          CheckpointError: naming the checkpoint and the first file that does not match.
-        """
-        return verify(info_or_path)
-
     # -- Writing -----------------------------------------------------------------
 
     def remove_temporaries(self) -> list[str]:
         """Cleans up after a crash: call once at start, before `restore_latest`.
 
-        Removes partial saves and half-done deletions, puts back a checkpoint
-        that a crashed same-step replacement had moved aside, and rewrites a
-        missing or stale manifest.
+        Removes partial saves and half-done deletions, and puts back a checkpoint
+        that a crashed same-step replacement had moved aside.
 
         Returns:
           The paths removed.
@@ -138,7 +132,7 @@ class CheckpointManager:
                     if not os.path.exists(final):
                         os.rename(path, final)
                         _fsync_dir(self.directory)
-                        self._log(f"Put back checkpoint {final}: a save of the same step crashed "
+                        log.info(f"Put back checkpoint {final}: a save of the same step crashed "
                                   f"before replacing it")
                         continue
                 if name.startswith((_TMP, _OLD, _DEL)):
@@ -147,14 +141,13 @@ class CheckpointManager:
                     else:
                         os.remove(path)
                     removed.append(path)
-            self._refresh_manifest()
         except OSError as e:
             raise CheckpointError(f"Could not clean up {self.directory}: {_reason(e)}") from e
         return removed
 
     def save(self, checkpoint: tf.train.Checkpoint, *, step: int, epoch: int,
              metrics: dict[str, float], state: dict) -> CheckpointInfo:
-        """Writes a checkpoint atomically, updates the manifest, then applies retention.
+        """Writes a checkpoint atomically, then applies retention.
 
         The variables are written into `.tmp-ckpt-<step>-<pid>/`, every file and
         the directory are fsynced, and the directory is renamed into place, so a
@@ -183,6 +176,7 @@ class CheckpointManager:
             raise ValueError(f"step={step}, epoch={epoch}: both must be >= 0")
         record = {"format": FORMAT, "step": step, "epoch": epoch,
                   "metrics": {str(k): float(v) for k, v in metrics.items()},
+                  "monitor": self.monitor, "mode": self.mode,
                   "state": _jsonable(state, f"state of checkpoint step {step}")}
         name = f"{PREFIX}-{step:09d}"
         final = os.path.join(self.directory, name)
@@ -223,13 +217,7 @@ class CheckpointManager:
         infos = self.entries()
         best = _best(infos, self.monitor, self.mode)
         kept = {i.name for i in infos[-self.keep:]} | {info.name} | ({best.name} if best else set())
-        try:
-            self._write_manifest([i for i in infos if i.name in kept])
-        except OSError as e:
-            raise CheckpointError(
-                f"Saved checkpoint {final}, but could not update "
-                f"{os.path.join(self.directory, MANIFEST_FILE)}: {_reason(e)}") from e
-        # Only now, with the new checkpoint and manifest on disk, delete the rest.
+        # Only now, with the new checkpoint on disk, delete the rest.
         for doomed in infos:
             if doomed.name not in kept:
                 self._delete(doomed)
@@ -254,7 +242,7 @@ class CheckpointManager:
                 info = verify(path)
             except CheckpointError as e:
                 problems.append(str(e))
-                self._log(f"Skipping a damaged checkpoint: {e}; falling back to the one before it")
+                log.info(f"Skipping a damaged checkpoint: {e}; falling back to the one before it")
                 continue
             return restore(checkpoint, info)
         if problems:
@@ -264,57 +252,7 @@ class CheckpointManager:
                 + "\nMove them away (or pass --overwrite) to start afresh.")
         return None
 
-    def restore(self, checkpoint: tf.train.Checkpoint, info_or_path: CheckpointInfo | str, *,
-                partial: bool = False) -> CheckpointInfo:
-        """Verifies one checkpoint, then reads it into `checkpoint`.
-
-        Args:
-          checkpoint: the objects to restore into.
-          info_or_path: a CheckpointInfo, a checkpoint directory, or anything
-            `find_checkpoint` accepts.
-          partial: True to restore only what `checkpoint` holds (e.g. a warm
-            start of the model weights); False also requires every variable
-            that `checkpoint` holds to be found in the checkpoint.
-
-        Returns:
-          The restored checkpoint.
-
-        Raises:
-          CheckpointError: it does not verify or does not fit `checkpoint`.
-        """
-        return restore(checkpoint, info_or_path, partial=partial)
-
     # -- Internals ---------------------------------------------------------------
-
-    def _manifest_payload(self, infos: list[CheckpointInfo]) -> dict:
-        entries = []
-        for info in infos:
-            files = dict(_read_record(info.path)["files"])
-            files[STATE_FILE] = _hash_file(os.path.join(info.path, STATE_FILE))
-            entries.append({"name": info.name, "step": info.step, "epoch": info.epoch,
-                            "metrics": info.metrics, "files": files})
-        best = _best(infos, self.monitor, self.mode)
-        return {"format": FORMAT, "monitor": self.monitor, "mode": self.mode,
-                "best": best.name if best else None,
-                "latest": infos[-1].name if infos else None, "checkpoints": entries}
-
-    def _write_manifest(self, infos: list[CheckpointInfo]) -> None:
-        _write_json_atomic(os.path.join(self.directory, MANIFEST_FILE), self._manifest_payload(infos))
-
-    def _refresh_manifest(self) -> None:
-        """Rewrites the manifest if it does not describe the checkpoint directories."""
-        path = os.path.join(self.directory, MANIFEST_FILE)
-        try:
-            with open(path) as f:
-                current = json.load(f)
-        except (OSError, ValueError):
-            current = None
-        infos = self.entries()
-        if current == self._manifest_payload(infos) or (current is None and not infos):
-            return
-        self._log(f"{path} is {'missing or unreadable' if current is None else 'out of date'}: "
-                  f"rebuilding it from the checkpoints' {STATE_FILE} files")
-        self._write_manifest(infos)
 
     def _delete(self, info: CheckpointInfo) -> None:
         # Renamed away first, so a crash mid-delete never leaves a half-deleted ckpt-*.
@@ -323,7 +261,7 @@ class CheckpointManager:
             os.rename(info.path, doomed)
             shutil.rmtree(doomed)
         except OSError as e:
-            self._log(f"Could not delete the old checkpoint {info.path}: {_reason(e)}")
+            log.info(f"Could not delete the old checkpoint {info.path}: {_reason(e)}")
 
 
 def verify(info_or_path: CheckpointInfo | str) -> CheckpointInfo:
@@ -358,7 +296,22 @@ def verify(info_or_path: CheckpointInfo | str) -> CheckpointInfo:
 
 def restore(checkpoint: tf.train.Checkpoint, info_or_path: CheckpointInfo | str, *,
             partial: bool = False) -> CheckpointInfo:
-    """Verifies one checkpoint, then reads it into `checkpoint` (see CheckpointManager.restore)."""
+    """Verifies one checkpoint, then reads it into `checkpoint`.
+
+    Args:
+      checkpoint: the objects to restore into.
+      info_or_path: a CheckpointInfo, a checkpoint directory, or anything
+        `find_checkpoint` accepts.
+      partial: True to restore only what `checkpoint` holds (e.g. a warm
+        start of the model weights); False also requires every variable
+        that `checkpoint` holds to be found in the checkpoint.
+
+    Returns:
+      The restored checkpoint.
+
+    Raises:
+      CheckpointError: it does not verify or does not fit `checkpoint`.
+    """
     if isinstance(info_or_path, CheckpointInfo) or _is_checkpoint_dir(str(info_or_path)):
         info = verify(info_or_path)
     else:
@@ -376,15 +329,13 @@ def restore(checkpoint: tf.train.Checkpoint, info_or_path: CheckpointInfo | str,
     return info
 
 
-def find_checkpoint(path: str, *, monitor: str | None = None, mode: str | None = None,
-                    log=logging.info) -> CheckpointInfo:
+def find_checkpoint(path: str, *, monitor: str | None = None, mode: str | None = None) -> CheckpointInfo:
     """The checkpoint that --restore_from or --checkpoint names, verified.
 
     Args:
       path: a run directory, its checkpoints directory, or one checkpoint directory.
-      monitor: the metric that picks the best; defaults to the one in manifest.json.
-      mode: "min" or "max" for `monitor`; defaults to the one in manifest.json.
-      log: called for each damaged checkpoint skipped.
+      monitor: the metric that picks the best; defaults to the one the run saved with.
+      mode: "min" or "max" for `monitor`; defaults to the one the run saved with.
 
     Returns:
       The best checkpoint when one has the monitored metric, else the latest;
@@ -404,13 +355,9 @@ def find_checkpoint(path: str, *, monitor: str | None = None, mode: str | None =
     dirs = _checkpoint_dirs(directory)
     if not dirs:
         raise CheckpointError(f"{path} holds no checkpoints (looked for {PREFIX}-* folders in {directory})")
-    try:
-        with open(os.path.join(directory, MANIFEST_FILE)) as f:
-            manifest = json.load(f)
-        monitor, mode = monitor or manifest["monitor"], mode or manifest["mode"]
-    except (OSError, ValueError, KeyError, TypeError):
-        pass  # Without a monitor there is no best: the latest will do.
     infos = CheckpointManager(directory=directory).entries()
+    if infos and not monitor:  # Without a monitor there is no best: the latest will do.
+        monitor, mode = infos[-1].monitor, mode or infos[-1].mode
     best = _best(infos, monitor, mode or "min") if monitor else None
     candidates = ([best.path] if best else []) + [p for _, p in reversed(dirs) if not best or p != best.path]
     problems = []
@@ -419,7 +366,7 @@ def find_checkpoint(path: str, *, monitor: str | None = None, mode: str | None =
             return verify(candidate)
         except CheckpointError as e:
             problems.append(str(e))
-            log(f"Skipping a damaged checkpoint: {e}")
+            log.info(f"Skipping a damaged checkpoint: {e}")
     raise CheckpointError(f"No checkpoint in {directory} verifies:\n  " + "\n  ".join(problems))
 
 
@@ -463,18 +410,18 @@ def _read_record(path: str) -> dict:
 def _info(path: str, record: dict) -> CheckpointInfo:
     path = os.path.abspath(path)
     return CheckpointInfo(name=os.path.basename(path), path=path, step=record["step"],
-                          epoch=record["epoch"], metrics=record["metrics"], state=record["state"])
+                          epoch=record["epoch"], metrics=record["metrics"], state=record["state"],
+                          monitor=record.get("monitor"), mode=record.get("mode"))
 
 
 def _best(infos: list[CheckpointInfo], monitor: str, mode: str) -> CheckpointInfo | None:
-    best, best_value = None, None
+    """The checkpoint that Keras' ModelCheckpoint(save_best_only=True) would hold: the policy that
+    decides it is the one the loop's early stopping is tested against."""
+    best, tracker = None, BestMetric(mode=mode)
     for info in infos:
         value = info.metrics.get(monitor)
-        if value is None or not math.isfinite(value):
-            continue
-        # Strictly better only, so the first of equal values stays the best.
-        if best is None or (value < best_value if mode == "min" else value > best_value):
-            best, best_value = info, value
+        if value is not None and math.isfinite(value) and tracker.update(value):
+            best = info
     return best
 
 
@@ -509,27 +456,6 @@ def _write_json(path: str, payload) -> None:
         json.dump(payload, f, indent=1, sort_keys=True)
         f.flush()
         os.fsync(f.fileno())
-
-
-def _write_json_atomic(path: str, payload) -> None:
-    directory, name = os.path.split(path)
-    tmp = os.path.join(directory, f"{_TMP}{name}-{os.getpid()}")
-    try:
-        _write_json(tmp, payload)
-        os.replace(tmp, path)
-        _fsync_dir(directory)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
-
-
-def _fsync_dir(path: str) -> None:
-    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def _make_dirs(path: str) -> None:

@@ -33,7 +33,7 @@ Check = Callable[[Any], "str | None"]
 
 def _at_least(low, high=None) -> Check:
     """low <= value (<= high): worded as "positive" / "zero or positive" for the usual lows."""
-    words = {1: "a positive integer", 0: "zero or positive", 0.0: "zero or positive"}.get(
+    words = {1: "a positive integer", 0: "zero or positive"}.get(
         low, f"at least {low}")
 
     def check(v):

@@ -1,14 +1,4 @@
-"""`--mode=evaluate`: slice, pixel and per-patient (volume) figures of a split, with overlay grids.
-
-Predictions are made at the model's size and their probabilities resized back
-(bilinear) to the slices' original 256x256 before the 0.5 threshold, so every
-figure is measured against the original masks, as in Buda et al. Optional
-flip averaging (--tta) and post-processing (--min_component_size,
---keep_largest_component) are applied before scoring.
-
-From Python, `evaluate_patients(model, dataset, ...)` returns the same figures
-without writing anything, e.g. for a quality study.
-"""
+"""`--mode=evaluate`: slice, pixel and per-patient (volume) figures of a split at 256x256, with overlay grids."""
 
 from __future__ import annotations
 
@@ -17,21 +7,21 @@ import io
 import logging
 import math
 import os
-import tempfile
 import time
 
 import numpy as np
 import tensorflow as tf
 
-from data import split as split_lib
 from data.dataset import LggDataset
 from data.lgg import DataError
-from engine import build, rundir
+from engine import build
 from engine.config import Config
-from engine.predict import THRESHOLD, Predictor, model_image_size
-from engine.runtime import Runtime
+from engine.inference import THRESHOLD, Predictor
+from engine.rundir import SPLIT_FILE, RunDir
 from engine.summaries import overlay
 from models import losses, postprocess
+
+log = logging.getLogger(__name__)
 
 # Columns of per_patient_<split>.csv, in order.
 CSV_FIELDS = ("patient", "slices", "positive_slices", "dice", "positive_slice_dice_mean",
@@ -202,15 +192,6 @@ def patient_overlay(predictor: Predictor, dataset: LggDataset, predictions: np.n
     return tile(tiles), [dataset.records[i].slice_number for i in shown]
 
 
-def _atomic_write(path: str, data: bytes) -> None:
-    fd, tmp = tempfile.mkstemp(prefix=".tmp-", dir=os.path.dirname(os.path.abspath(path)))
-    with os.fdopen(fd, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-
-
 def _csv_bytes(rows: list[dict]) -> bytes:
     out = io.StringIO()
     writer = csv.DictWriter(out, fieldnames=CSV_FIELDS, lineterminator="\n")
@@ -250,7 +231,7 @@ def format_table(summary: dict, rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
-def run(config: Config, runtime: Runtime | None = None, *, log=logging.info) -> dict:
+def run(config: Config) -> dict:
     """Evaluates the run's model on --split and writes the report files into the run directory.
 
     Returns:
@@ -261,37 +242,27 @@ def run(config: Config, runtime: Runtime | None = None, *, log=logging.info) -> 
       DataError: the data or the split cannot be used.
     """
     start = time.perf_counter()
-    model = build.load_trained_model(config, runtime, log=log)
-    image_size = model_image_size(model, config.image_size)
-    if image_size != config.image_size:
-        log(f"The model takes {image_size}x{image_size} inputs (--image_size={config.image_size} ignored)")
-    dataset = build.load_dataset(config, log=log)
-    if not os.path.exists(os.path.join(config.run_dir, split_lib.SPLIT_FILE)):
-        log(f"No {split_lib.SPLIT_FILE} in {config.run_dir}: making the split from --seed="
-            f"{config.seed}, --val_fraction and --test_fraction, as training would")
-    split = split_lib.load_or_make_split(config.run_dir, dataset, val_fraction=config.val_fraction,
-                                         test_fraction=config.test_fraction, seed=config.seed,
-                                         num_folds=config.num_folds, fold=config.fold)
-    if not split[config.split]:
-        raise DataError(f"{os.path.join(config.run_dir, split_lib.SPLIT_FILE)}: the "
-                        f"{config.split} split has no patients")
-    subset = dataset.subset(split[config.split])
-    batch_size = config.eval_batch_size or config.batch_size
+    model, source, image_size = build.trained_model(config)
+    run = RunDir(config.run_dir)
+    data = build.load_split(config, run, create=False)
+    if not data.split[config.split]:
+        raise DataError(f"{run.file(SPLIT_FILE)}: the {config.split} split has no patients")
+    subset = data.part(config.split)
+    batch_size = config.eval_batch
     predictor = Predictor(model, image_size=image_size, tta=config.tta)
     predictions = predict_patients(predictor, subset, batch_size=batch_size,
                                    min_component_size=config.min_component_size,
                                    keep_largest_component=config.keep_largest_component)
     summary, rows = score(subset, predictions)
 
-    run_dir, name = config.run_dir, config.split
-    os.makedirs(run_dir, exist_ok=True)
+    name = config.split
     indices = patient_slices(subset)
     ranked = sorted(rows, key=lambda r: (-r["dice"], r["patient"]))
     figures = {}
     for which, row in (("best", ranked[0]), ("worst", ranked[-1])):
         grid, numbers = patient_overlay(predictor, subset, predictions, indices[row["patient"]])
         png = f"eval_{name}_{which}_patient.png"
-        _atomic_write(os.path.join(run_dir, png), tf.io.encode_png(grid).numpy())
+        run.write(png, tf.io.encode_png(grid).numpy())
         figures[which] = {"patient": row["patient"], "dice": row["dice"], "png": png,
                           "slices_shown": numbers}
     summary.update({
@@ -299,24 +270,23 @@ def run(config: Config, runtime: Runtime | None = None, *, log=logging.info) -> 
         "original_size": list(subset.masks.shape[1:3]), "tta": config.tta,
         "min_component_size": config.min_component_size,
         "keep_largest_component": config.keep_largest_component,
-        "model": config.checkpoint or os.path.join(run_dir, build.FINAL_MODEL),
+        "model": source, "data_dir": os.path.abspath(config.data_dir),
         "figures": figures, "seconds": time.perf_counter() - start,
     })
     # NaN (e.g. no empty slices) is not JSON: written as null.
-    rundir.write_json_atomic(os.path.join(run_dir, f"eval_{name}.json"),
-                             {k: (None if isinstance(v, float) and math.isnan(v) else v)
-                              for k, v in summary.items()})
-    _atomic_write(os.path.join(run_dir, f"per_patient_{name}.csv"), _csv_bytes(rows))
+    run.write_json(f"eval_{name}.json", {k: (None if isinstance(v, float) and math.isnan(v) else v)
+                                         for k, v in summary.items()})
+    run.write(f"per_patient_{name}.csv", _csv_bytes(rows))
 
     post = [f"2D components < {config.min_component_size} px removed"] if config.min_component_size > 1 else []
     post += ["largest 3D component kept"] if config.keep_largest_component else []
-    log(f"\nEvaluation on the {name} split: {summary['patients']} patients, {summary['slices']} slices "
-        f"({summary['positive_slices']} with lesions) at {summary['original_size'][0]}x"
-        f"{summary['original_size'][1]}; model input {image_size}; tta {'on' if config.tta else 'off'}; "
-        f"post-processing: {', '.join(post) or 'none'}\n")
-    log(format_table(summary, rows))
-    log(f"\nBest patient {figures['best']['patient']} (Dice {figures['best']['dice']:.4f}), worst "
-        f"{figures['worst']['patient']} (Dice {figures['worst']['dice']:.4f}).")
-    log(f"Wrote eval_{name}.json, per_patient_{name}.csv, {figures['best']['png']}, "
-        f"{figures['worst']['png']} to {run_dir} ({summary['seconds']:.1f}s)")
+    log.info(f"\nEvaluation on the {name} split: {summary['patients']} patients, {summary['slices']} "
+             f"slices ({summary['positive_slices']} with lesions) at {summary['original_size'][0]}x"
+             f"{summary['original_size'][1]}; model input {image_size}; tta "
+             f"{'on' if config.tta else 'off'}; post-processing: {', '.join(post) or 'none'}\n")
+    log.info(format_table(summary, rows))
+    log.info(f"\nBest patient {figures['best']['patient']} (Dice {figures['best']['dice']:.4f}), worst "
+             f"{figures['worst']['patient']} (Dice {figures['worst']['dice']:.4f}).")
+    log.info(f"Wrote eval_{name}.json, per_patient_{name}.csv, {figures['best']['png']}, "
+             f"{figures['worst']['png']} to {run.path} ({summary['seconds']:.1f}s)")
     return summary

@@ -1,9 +1,7 @@
 """`--mode=export`: a SavedModel whose signature maps uint8 256x256x3 slices to probability maps.
 
-The serving function is the engine's own inference core (engine.predict.probabilities):
-data.pipeline.preprocess, the model, a float32 sigmoid, flip averaging if --tta,
-and a bilinear resize back to 256x256, all inside the graph. So a client needs
-nothing but TensorFlow:
+The serving function is the engine's own inference core (engine.inference.probabilities), so a
+client needs nothing but TensorFlow:
 
     serve = tf.saved_model.load("logs/demo/saved_model").signatures["serving_default"]
     probs = serve(images=tf.constant(uint8_batch))["probabilities"]  # float32 [B,256,256,1]
@@ -23,9 +21,10 @@ import tensorflow as tf
 
 from engine import build, rundir
 from engine.config import Config
-from engine.predict import THRESHOLD, Predictor, model_image_size, probabilities
+from engine.inference import THRESHOLD, Predictor, probabilities
 from engine.rundir import RunDirError
-from engine.runtime import Runtime
+
+log = logging.getLogger(__name__)
 
 SERVING_SIZE = 256  # the Kaggle LGG slice size
 SIGNATURE = "serving_default"
@@ -109,7 +108,7 @@ def check_export(export_dir: str, predictor: Predictor, *, seed: int = 0) -> flo
     return float(np.abs(exported - predictor(images, batch_size=len(images))).max())
 
 
-def run(config: Config, runtime: Runtime | None = None, *, log=logging.info) -> str:
+def run(config: Config) -> str:
     """Exports the run's model (or --checkpoint) to --export_dir, default <run_dir>/saved_model.
 
     Returns:
@@ -120,18 +119,16 @@ def run(config: Config, runtime: Runtime | None = None, *, log=logging.info) -> 
       RunDirError: --export_dir holds something that is not a SavedModel, or the
         reloaded export disagrees with the engine.
     """
-    model = build.load_trained_model(config, runtime, log=log)
-    image_size = model_image_size(model, config.image_size)
-    export_dir = config.export_dir or os.path.join(config.run_dir, "saved_model")
-    source = config.checkpoint or os.path.join(config.run_dir, build.FINAL_MODEL)
+    model, source, image_size = build.trained_model(config)
+    export_dir = config.export_dir or os.path.join(config.run_dir, rundir.SAVED_MODEL)
     export_saved_model(model, export_dir, image_size=image_size, tta=config.tta,
                        metadata={"source": source, "brainseg": rundir.PROJECT_VERSION})
     difference = check_export(export_dir, Predictor(model, image_size=image_size, tta=config.tta))
     if not difference <= TOLERANCE:
         raise RunDirError(f"{export_dir}: the reloaded SavedModel differs from the engine by "
                           f"{difference:.3g} (> {TOLERANCE}); the export is not trustworthy")
-    log(f"Exported {source} to {export_dir}: signature '{SIGNATURE}' takes {INPUT_NAME}: uint8 "
-        f"[batch, {SERVING_SIZE}, {SERVING_SIZE}, 3] and returns {OUTPUT_NAME}: float32 "
-        f"[batch, {SERVING_SIZE}, {SERVING_SIZE}, 1] (model input {image_size}, tta "
-        f"{'on' if config.tta else 'off'}); reload check: max difference {difference:.2g}")
+    log.info(f"Exported {source} to {export_dir}: signature '{SIGNATURE}' takes {INPUT_NAME}: uint8 "
+             f"[batch, {SERVING_SIZE}, {SERVING_SIZE}, 3] and returns {OUTPUT_NAME}: float32 "
+             f"[batch, {SERVING_SIZE}, {SERVING_SIZE}, 1] (model input {image_size}, tta "
+             f"{'on' if config.tta else 'off'}); reload check: max difference {difference:.2g}")
     return export_dir

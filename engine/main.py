@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import os
 import sys
 
@@ -17,8 +18,21 @@ engine_flags.define_flags()
 FLAGS = flags.FLAGS
 
 
-def log(message: str) -> None:
-    print(message, flush=True)
+def setup_logging() -> None:
+    """The engine's own lines go to stdout as they are; warnings say so."""
+
+    class Plain(logging.Formatter):
+        def format(self, record):
+            text = super().format(record)
+            return text if record.levelno < logging.WARNING else f"warning: {text}"
+
+    handler = logging.StreamHandler(sys.stdout)
+    handler.setFormatter(Plain("%(message)s"))
+    for name in ("engine", "data", "models"):
+        logger = logging.getLogger(name)
+        logger.handlers[:] = [handler]
+        logger.setLevel(logging.INFO)
+        logger.propagate = False
 
 
 def fail(message: str, code: int) -> None:
@@ -35,32 +49,32 @@ def parse_flags(argv: list[str]) -> list[str]:
 
 
 def run(config) -> int:
-    """Resolves the device policy once, then dispatches on --mode."""
+    """Resolves the device policy once, then dispatches on --mode; returns the exit code."""
     # Imported here so that --help and flag errors answer without loading TensorFlow.
     from data.lgg import DataError
     from engine import runtime as runtime_lib
     from engine.checkpoint import CheckpointError
-    from engine.loop import NonFiniteLossError
     from engine.rundir import RunDirError
+    from engine.trainer import NonFiniteLossError
 
     rt = runtime_lib.resolve(config)
-    log(f"brainseg {config.mode}: {rt.describe()}")
+    logging.getLogger("engine").info(f"brainseg {config.mode}: {rt.describe()}")
     try:
         if config.mode == "train":
             from engine import loop
-            loop.train(config, rt, log=log)
+            loop.train(config, rt)
         elif config.mode == "evaluate":
             from engine import evaluate
-            evaluate.run(config, rt, log=log)
+            evaluate.run(config)
         elif config.mode == "predict":
             from engine import predict
-            return predict.run(config, rt, log=log)
+            return predict.run(config)
         elif config.mode == "export":
             from engine import export
-            export.run(config, rt, log=log)
+            export.run(config)
         elif config.mode == "benchmark":
             from engine import benchmark
-            benchmark.run(config, rt, log=log)
+            benchmark.run(config, rt)
     except (DataError, RunDirError) as e:
         fail(str(e), 2)
     except (CheckpointError, NonFiniteLossError) as e:
@@ -73,6 +87,7 @@ def run(config) -> int:
 def main(argv: list[str]) -> None:
     # TensorFlow and Keras log routine INFO lines through absl; the engine prints its own.
     absl_logging.set_verbosity(absl_logging.WARNING)
+    setup_logging()
     if len(argv) > 1:
         fail(f"unexpected arguments {argv[1:]}: every setting is a --flag (see --helpfull)", 2)
     try:

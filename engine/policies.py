@@ -5,18 +5,6 @@ import numpy as np
 _MODES = ("min", "max")
 
 
-def mode_for(monitor: str) -> str:
-    """Returns the direction in which `monitor` improves, like Keras' "auto" mode.
-
-    Args:
-        monitor: A metric name such as "val_loss" or "val_dice".
-
-    Returns:
-        "min" if the name contains "loss", else "max".
-    """
-    return "min" if "loss" in monitor else "max"
-
-
 def _is_better(value: float, reference: float | None, mode: str, min_delta: float) -> bool:
     """Keras' MonitorCallback._is_improvement: beats `reference` by more than `min_delta`."""
     if reference is None:
@@ -146,25 +134,20 @@ class EarlyStopping(_Policy):
 
     _STATE = ("best", "best_epoch", "wait", "epoch")
 
-    def __init__(self, *, mode: str, patience: int, min_delta: float = 0.0,
-                 baseline: float | None = None):
+    def __init__(self, *, mode: str, patience: int, min_delta: float = 0.0):
         """Creates the policy.
 
         Args:
             mode: "min" or "max": the direction in which the monitored value improves.
             patience: Epochs without improvement after which to stop.
             min_delta: An improvement must be larger than this.
-            baseline: If set, only values that also beat it restart the patience count.
 
         Raises:
             ValueError: If an argument is out of range; the message names it.
         """
         _check_common(mode, min_delta)
         _check_count("patience", patience)
-        if baseline is not None and not np.isfinite(baseline):
-            raise ValueError(f"baseline must be finite or None, got {baseline!r}")
-        self.mode, self.patience = mode, patience
-        self.min_delta, self.baseline = min_delta, baseline
+        self.mode, self.patience, self.min_delta = mode, patience, min_delta
         self.best: float | None = None
         self.best_epoch: int | None = None
         self.wait = 0
@@ -186,17 +169,17 @@ class EarlyStopping(_Policy):
         self.wait += 1
         self.improved = _is_better(value, self.best, self.mode, self.min_delta)
         if self.improved:
-            self.best, self.best_epoch = value, self.epoch
-            # As in Keras, a new best below the baseline does not restart the count.
-            if self.baseline is None or _is_better(value, self.baseline, self.mode,
-                                                   self.min_delta):
-                self.wait = 0
+            self.best, self.best_epoch, self.wait = value, self.epoch, 0
             return False
         return self.wait >= self.patience and self.epoch > 0
 
 
 class BestMetric(_Policy):
-    """Tracks the best monitored value, as Keras' ModelCheckpoint(save_best_only=True) does."""
+    """Tracks the best monitored value, as Keras' ModelCheckpoint(save_best_only=True) does.
+
+    The checkpoint manager ranks its checkpoints with it, so the checkpoint that becomes the final
+    model is the one Keras would have kept.
+    """
 
     _STATE = ("best",)
 

@@ -1,32 +1,4 @@
-"""`--mode=predict`: writes `<name>_mask.tif` for every slice in a folder; also the shared inference core.
-
-The inference core (`probabilities`, `Predictor`) is the one path from uint8 slices
-to probability maps at the slices' own size: `data.pipeline.preprocess`, the
-model, a float32 sigmoid, optional flip averaging, and a bilinear resize back.
-Evaluation and the exported SavedModel use it too, so all three agree.
-
-Prediction mode, file by file:
-  - Every `.tif`/`.tiff` under `--input` (recursively; hidden folders skipped)
-    whose name does not end in `_mask` is an image. `--input` may be a
-    kaggle_3m-style tree (patient folders) or a plain folder of slices.
-  - Files named `*_mask.tif` are ground truth: never predicted on.
-  - For `DIR/a/b.tif` the prediction goes to `OUTPUT/a/b_mask.tif`: uint8, 0 or
-    255, the input's own height and width, written atomically.
-  - Ground truth is never overwritten. When a target path is an existing
-    ground-truth mask of the input (e.g. `--output` is `--input` and the folder
-    is a labelled kaggle_3m tree), that image is skipped and the run says how
-    many were skipped and why; use another `--output` to get their predictions.
-    An alternative name (say `_pred_mask.tif`) was rejected: the data loader
-    would then reject the folder for its unexpected file names. In place, a
-    mask written by an earlier prediction is indistinguishable from ground
-    truth and is kept too. An `--output` folder nested inside `--input` is not
-    scanned as input, so its masks are simply replaced on a re-run.
-  - Accepted images: uint8 or uint16, HxW (grayscale, replicated to 3 channels)
-    or HxWx3; a 16-bit slice whose values exceed 255 is rescaled by its own
-    maximum to 0..255. Anything else is an error naming the file.
-  - A bad or unreadable file is reported with its path and reason, the other
-    files are still written, and the exit code is 1.
-"""
+"""`--mode=predict`: writes `<name>_mask.tif` for every slice under --input (see run() for the rules)."""
 
 from __future__ import annotations
 
@@ -36,93 +8,23 @@ import logging
 import os
 import pathlib
 import sys
-import tempfile
 import time
 
 import numpy as np
-import tensorflow as tf
 import tifffile
 
-from data import pipeline
 from data.lgg import DataError
 from engine import build
+from engine.atomic import atomic_write
 from engine.config import Config
-from engine.runtime import Runtime
+from engine.inference import THRESHOLD, Predictor
+
+log = logging.getLogger(__name__)
 
 IMAGE_SUFFIXES = (".tif", ".tiff")
 MASK_STEM_SUFFIX = "_mask"
-THRESHOLD = 0.5
 # Files read and predicted per round: bounds memory on large folders while keeping batches full.
 CHUNK_BATCHES = 8
-
-
-def model_image_size(model, fallback: int) -> int:
-    """The square input size the model was built for (its own shape wins over flags)."""
-    shape = getattr(model, "input_shape", None)
-    if shape and len(shape) == 4 and isinstance(shape[1], int):
-        return int(shape[1])
-    return fallback
-
-
-def probabilities(model, images: tf.Tensor, *, image_size: int, tta: bool = False) -> tf.Tensor:
-    """Probability maps at the input's own size for a uint8 batch (graph-safe).
-
-    Args:
-      model: a Keras model mapping float32 [B, S, S, 3] in [0, 1] to logits [B, S, S, 1].
-      images: uint8 [B, H, W, 3], any H and W.
-      image_size: S, the model's input size.
-      tta: average the probabilities of the identity, left-right, up-down and
-        both flips (each flipped back), the flips training augments with.
-
-    Returns:
-      float32 [B, H, W, 1] probabilities (bilinear resize of the model-size map).
-    """
-    size = tf.shape(images)[1:3]
-    x = pipeline.preprocess(images, image_size)
-    if tta:
-        batch = tf.shape(x)[0]
-        flips = ((), (2,), (1,), (1, 2))
-        # One model call on the four views keeps batches large.
-        views = tf.concat([tf.reverse(x, axis) if axis else x for axis in flips], axis=0)
-        p = tf.sigmoid(tf.cast(model(views, training=False), tf.float32))
-        parts = [p[i * batch:(i + 1) * batch] for i in range(len(flips))]
-        p = tf.add_n([tf.reverse(q, axis) if axis else q for q, axis in zip(parts, flips)]) / len(flips)
-    else:
-        p = tf.sigmoid(tf.cast(model(x, training=False), tf.float32))
-    return tf.image.resize(p, size, method="bilinear")
-
-
-class Predictor:
-    """Batched probability maps for numpy slices of any size; the tf.function traces once."""
-
-    def __init__(self, model, *, image_size: int, tta: bool = False):
-        self.model = model
-        self.image_size = image_size
-        self.tta = tta
-        self.traces = 0
-
-        def fn(images):
-            self.traces += 1
-            return probabilities(model, images, image_size=image_size, tta=tta)
-
-        self._fn = tf.function(fn, input_signature=[tf.TensorSpec([None, None, None, 3], tf.uint8)])
-
-    def __call__(self, images: np.ndarray, *, batch_size: int) -> np.ndarray:
-        """Probabilities of a stack of same-sized slices.
-
-        Args:
-          images: uint8 [N, H, W, 3].
-          batch_size: slices per model call.
-
-        Returns:
-          float32 [N, H, W] probabilities.
-        """
-        images = np.asarray(images)
-        out = np.empty(images.shape[:3], np.float32)
-        for start in range(0, len(images), batch_size):
-            batch = images[start:start + batch_size]
-            out[start:start + len(batch)] = self._fn(tf.constant(batch))[..., 0].numpy()
-        return out
 
 
 class InputImageError(ValueError):
@@ -177,14 +79,8 @@ def read_image(path: str) -> tuple[np.ndarray, tuple[str, ...]]:
 def write_mask(path: pathlib.Path, mask: np.ndarray) -> None:
     """Writes a uint8 0/255 mask atomically, so an interrupted run leaves no half-written file."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".tmp-{path.stem}-", suffix=".tif", dir=path.parent)
-    os.close(fd)
-    try:
-        tifffile.imwrite(tmp, mask)
-        os.replace(tmp, path)
-    except BaseException:
-        pathlib.Path(tmp).unlink(missing_ok=True)
-        raise
+    # Not fsynced: a mask can be predicted again; the rename alone keeps it whole.
+    atomic_write(str(path), lambda tmp: tifffile.imwrite(tmp, mask), suffix=".tif", durable=False)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -242,15 +138,13 @@ def plan(input_dir, output_dir) -> tuple[list[Job], list[Job]]:
     return jobs, protected
 
 
-def predict_files(predictor: Predictor, jobs: list[Job], *, batch_size: int,
-                  log=logging.info) -> dict:
+def predict_files(predictor: Predictor, jobs: list[Job], *, batch_size: int) -> dict:
     """Predicts and writes the mask of every job; a bad file never stops the others.
 
     Args:
       predictor: the inference core.
       jobs: from `plan`.
       batch_size: slices per model call (same-sized slices are batched together).
-      log: receives one line per failed file.
 
     Returns:
       {"written": int, "failed": [(path, reason)], "notes": {note: count}}.
@@ -265,7 +159,7 @@ def predict_files(predictor: Predictor, jobs: list[Job], *, batch_size: int,
             for i, (image, image_notes, error) in enumerate(decoded):
                 if error is not None:
                     failed.append((str(part[i].source), error))
-                    log(f"error: {part[i].source}: {error}")
+                    log.info(f"error: {part[i].source}: {error}")
                     continue
                 for note in image_notes:
                     notes[note] = notes.get(note, 0) + 1
@@ -279,7 +173,7 @@ def predict_files(predictor: Predictor, jobs: list[Job], *, batch_size: int,
                         written += 1
                     else:
                         failed.append((str(part[i].target), error))
-                        log(f"error: {part[i].target}: {error}")
+                        log.info(f"error: {part[i].target}: {error}")
     return {"written": written, "failed": failed, "notes": notes}
 
 
@@ -299,7 +193,7 @@ def _try_write(path: pathlib.Path, mask: np.ndarray) -> str | None:
     return None
 
 
-def run(config: Config, runtime: Runtime | None = None, *, log=logging.info) -> int:
+def run(config: Config) -> int:
     """Predicts every image under --input into --output.
 
     Returns:
@@ -310,27 +204,25 @@ def run(config: Config, runtime: Runtime | None = None, *, log=logging.info) -> 
       CheckpointError: no model where the flags point.
     """
     jobs, protected = plan(config.input, config.output)
-    model = build.load_trained_model(config, runtime, log=log)
-    image_size = model_image_size(model, config.image_size)
+    model, _, image_size = build.trained_model(config)
     predictor = Predictor(model, image_size=image_size, tta=config.tta)
     if protected:
         examples = ", ".join(str(j.target) for j in protected[:3])
-        log(f"Skipping {len(protected)} image(s) whose {MASK_STEM_SUFFIX}.tif is ground truth in the "
+        log.info(f"Skipping {len(protected)} image(s) whose {MASK_STEM_SUFFIX}.tif is ground truth in the "
             f"input and is never overwritten (e.g. {examples}); use another --output to predict them.")
-    log(f"Predicting {len(jobs)} image(s) from {config.input} into {config.output} "
+    log.info(f"Predicting {len(jobs)} image(s) from {config.input} into {config.output} "
         f"(model input {image_size}x{image_size}, tta {'on' if config.tta else 'off'})")
     start = time.perf_counter()
-    result = predict_files(predictor, jobs, batch_size=config.eval_batch_size or config.batch_size,
-                           log=log)
+    result = predict_files(predictor, jobs, batch_size=config.eval_batch)
     seconds = time.perf_counter() - start
     if result["notes"].get("grayscale"):
-        log(f"Note: {result['notes']['grayscale']} grayscale image(s) were replicated to 3 channels; "
+        log.info(f"Note: {result['notes']['grayscale']} grayscale image(s) were replicated to 3 channels; "
             f"the model was trained on 3-channel slices (pre-contrast, FLAIR, post-contrast), so "
             f"expect lower accuracy on them.")
     if result["notes"].get("uint16 rescaled"):
-        log(f"Note: {result['notes']['uint16 rescaled']} 16-bit image(s) were rescaled by their own "
+        log.info(f"Note: {result['notes']['uint16 rescaled']} 16-bit image(s) were rescaled by their own "
             f"maximum to 0..255.")
-    log(f"Wrote {result['written']} mask(s) to {config.output} in {seconds:.1f}s"
+    log.info(f"Wrote {result['written']} mask(s) to {config.output} in {seconds:.1f}s"
         + (f"; skipped {len(protected)} with ground truth" if protected else "")
         + (f"; {len(result['failed'])} FAILED" if result["failed"] else ""))
     if result["failed"]:

@@ -1,39 +1,280 @@
-"""The run directory: its config.json identity check and its history.jsonl."""
+"""The run directory: every file name in it, its lock, its identity check, and all writes to it."""
 
 from __future__ import annotations
 
+import errno
+import fcntl
+import fnmatch
 import json
+import logging
 import os
 import platform
 import shutil
-import tempfile
 
-import keras
-import tensorflow as tf
-
+from data import split as split_lib
+from engine import atomic
 from engine.config import RUN_IDENTITY_FIELDS, Config
+
+log = logging.getLogger(__name__)
 
 PROJECT_VERSION = "0.1.0"
 CONFIG_FILE = "config.json"
+SPLIT_FILE = "split.json"
 HISTORY_FILE = "history.jsonl"
-# What --overwrite removes: the products of a previous run, never anything else.
-RUN_PRODUCTS = ("checkpoints", "split.json", HISTORY_FILE, CONFIG_FILE, "final_model.keras",
-                "saved_model", "benchmark.json")
-RUN_PRODUCT_PREFIXES = ("events.out.tfevents", "eval_", "per_patient_")
+CHECKPOINTS = "checkpoints"
+FINAL_MODEL = "final_model.keras"
+SAVED_MODEL = "saved_model"
+LOCK_FILE = ".lock"
+# Everything the engine writes in a run directory, by name or pattern: --overwrite removes these
+# and nothing else. Folders are emptied of their own kind of files only (see _remove_products).
+PRODUCT_FILES = (CONFIG_FILE, SPLIT_FILE, HISTORY_FILE, FINAL_MODEL, "benchmark.json",
+                 "events.out.tfevents.*", "eval_*.json", "eval_*.png", "eval_*.md",
+                 "per_patient_*.csv", atomic.TMP_PREFIX + "*")
+CHECKPOINT_PRODUCTS = ("ckpt-*", "manifest.json", ".tmp-*", ".old-*", ".del-*")
 
 
 class RunDirError(Exception):
-    """The run directory holds something incompatible with this run."""
+    """The run directory holds something incompatible with this run, or is in use."""
 
 
-def write_json_atomic(path: str, payload) -> None:
-    directory = os.path.dirname(os.path.abspath(path))
-    fd, tmp = tempfile.mkstemp(prefix=".tmp-", dir=directory)
-    with os.fdopen(fd, "w") as f:
-        json.dump(payload, f, indent=2, sort_keys=True)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+class RunDir:
+    """One run's directory: the paths of its files, and the only code that writes them.
+
+    A reader (evaluate, predict, export, a non-chief worker) gets `writer=False`: it reads the
+    same files, and every write is a no-op, as SummaryWriter(None) writes nothing.
+    """
+
+    def __init__(self, path: str, *, writer: bool = True):
+        self.path = path
+        self.writer = writer
+        self._lock_fd: int | None = None
+
+    def file(self, name: str) -> str:
+        return os.path.join(self.path, name)
+
+    @property
+    def checkpoints(self) -> str:
+        return self.file(CHECKPOINTS)
+
+    @property
+    def final_model(self) -> str:
+        return self.file(FINAL_MODEL)
+
+    @property
+    def summaries(self) -> str | None:
+        """The TensorBoard event folder, or None for a reader (which writes no events)."""
+        return self.path if self.writer else None
+
+    # -- Opening a run for training -----------------------------------------------------------
+
+    def open(self, config: Config) -> "RunDir":
+        """Locks the directory for this process, checks its identity and records the config.
+
+        A directory that holds a run of another configuration (model shape, image size, data
+        or split) is refused with what differs, unless --overwrite, which removes the
+        engine's own files and nothing else. A folder whose config.json brainseg did not write
+        is never touched.
+
+        Returns:
+          self.
+
+        Raises:
+          RunDirError: the directory is locked by another run, holds a different run or
+            foreign files in the way, or cannot be written.
+        """
+        if not self.writer:
+            return self
+        try:
+            os.makedirs(self.path, exist_ok=True)
+            self.lock()
+            previous = self._read_config()
+            if previous is not None and config.overwrite:
+                log.info(f"--overwrite: removing the previous run's files in {self.path}")
+                self._remove_products()
+            elif previous is not None:
+                old, new = _identity(previous), _identity(config.to_dict())
+                diffs = [f"--{k}: run has {old[k]!r}, flags say {new[k]!r}"
+                         for k in old if old[k] != new[k]]
+                if diffs:
+                    raise RunDirError(
+                        f"{self.path} holds a run with a different configuration:\n  " + "\n  ".join(diffs)
+                        + "\nUse another --model_dir/--run_name, or pass --overwrite to start afresh.")
+            atomic.atomic_write_json(self.file(CONFIG_FILE), {
+                "config": config.to_dict(),
+                "versions": versions(),
+            })
+        except OSError as e:
+            raise RunDirError(f"cannot write the run directory {self.path}: "
+                              f"{e.strerror or e}") from None
+        return self
+
+    def lock(self) -> None:
+        """Holds an exclusive lock on the directory until the process ends (or close()).
+
+        flock, not a pid file: the kernel releases it when the process dies, even by SIGKILL.
+
+        Raises:
+          RunDirError: another process holds it; the message names the directory and its pid.
+        """
+        path = self.file(LOCK_FILE)
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError as e:
+            holder = os.pread(fd, 64, 0).decode(errors="replace").strip() or "unknown"
+            os.close(fd)
+            if e.errno in (errno.EWOULDBLOCK, errno.EAGAIN):
+                raise RunDirError(f"{self.path} is in use by another training run (pid {holder}); "
+                                  "wait for it to finish, stop it, or use another --model_dir") from None
+            raise
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+        self._lock_fd = fd
+
+    def close(self) -> None:
+        """Releases the lock (the process's end does too)."""
+        if self._lock_fd is not None:
+            os.close(self._lock_fd)
+            self._lock_fd = None
+
+    def _read_config(self) -> dict | None:
+        """The config of the run already here, or None; refuses a config.json that is not ours."""
+        path = self.file(CONFIG_FILE)
+        if not os.path.exists(path):
+            return None
+        try:
+            with open(path) as f:
+                stored = json.load(f)
+        except (OSError, ValueError) as e:
+            raise RunDirError(f"{path} is unreadable ({e}); it is left alone: move it away or "
+                              "use another --model_dir") from None
+        if not (isinstance(stored, dict) and isinstance(stored.get("config"), dict)
+                and isinstance(stored.get("versions"), dict) and "brainseg" in stored["versions"]):
+            raise RunDirError(f"{path} was not written by brainseg; this folder is left alone "
+                              "(--overwrite only removes brainseg's own files): use another "
+                              "--model_dir")
+        return stored["config"]
+
+    def _remove_products(self) -> None:
+        """Deletes the files the engine writes, by name and pattern; a foreign file is never deleted."""
+        for name in sorted(os.listdir(self.path)):
+            target = self.file(name)
+            if name == LOCK_FILE:
+                continue
+            if any(fnmatch.fnmatch(name, pattern) for pattern in PRODUCT_FILES) and not os.path.isdir(target):
+                os.remove(target)
+            elif name == CHECKPOINTS and os.path.isdir(target):
+                for entry in os.listdir(target):
+                    if any(fnmatch.fnmatch(entry, pattern) for pattern in CHECKPOINT_PRODUCTS):
+                        path = os.path.join(target, entry)
+                        shutil.rmtree(path) if os.path.isdir(path) else os.remove(path)
+                if not os.listdir(target):
+                    os.rmdir(target)
+            elif name == SAVED_MODEL and os.path.isfile(os.path.join(target, "brainseg_export.json")):
+                shutil.rmtree(target)
+            elif name == "plugins" and os.path.isdir(os.path.join(target, "profile")):
+                shutil.rmtree(os.path.join(target, "profile"))
+                if not os.listdir(target):
+                    os.rmdir(target)
+
+    # -- The split ------------------------------------------------------------------------------
+
+    def load_or_make_split(self, dataset, *, val_fraction: float, test_fraction: float, seed: int,
+                           num_folds: int = 0, fold: int = 0, create: bool = True) -> dict[str, list[str]]:
+        """Reuses split.json if present (so a resumed run keeps its split), else makes and writes it.
+
+        Args:
+          dataset: the LggDataset.
+          val_fraction, test_fraction, seed, num_folds, fold: as in data.split.make_split; used
+            only when there is no split.json.
+          create: False for readers of a finished run: a missing split.json is an error.
+
+        Returns:
+          {"train": [...], "val": [...], "test": [...]} of sorted patient folder names.
+
+        Raises:
+          DataError: split.json is missing (create=False), unreadable, names patients not in the
+            dataset, lists a patient twice, or was made for another fold; or a new split is
+            impossible (see make_split).
+        """
+        path = self.file(SPLIT_FILE)
+        if os.path.exists(path):
+            try:
+                with open(path) as f:
+                    stored = json.load(f)
+            except (OSError, ValueError) as e:
+                raise split_lib.DataError(f"{path}: unreadable split file ({type(e).__name__}: {e}); "
+                                          "delete it to make a new split") from None
+            split = split_lib.check_split(stored, dataset, path)
+            # Another fold's split would score other held-out patients: refused, not reused. Files
+            # written before folds existed have no such keys and were fraction splits (0/0).
+            stored_fold = {"num_folds": stored.get("num_folds", 0), "fold": stored.get("fold", 0)}
+            if stored_fold != {"num_folds": num_folds, "fold": fold}:
+                raise split_lib.DataError(
+                    f"{path} was made with --num_folds={stored_fold['num_folds']} "
+                    f"--fold={stored_fold['fold']}, not --num_folds={num_folds} --fold={fold}; "
+                    "use a run directory per fold")
+            requested = {"seed": seed, "val_fraction": val_fraction, "test_fraction": test_fraction}
+            if any(k in stored and stored[k] != v for k, v in requested.items()):
+                log.warning(f"{path} was made with {({k: stored.get(k) for k in requested})}; "
+                            f"reusing it although {requested} was requested")
+            return split
+        if not create:
+            raise split_lib.DataError(f"{path} does not exist: {self.path} holds no trained run "
+                                      "(train it first, or point --model_dir at a run directory)")
+        split = split_lib.make_split(dataset, val_fraction=val_fraction, test_fraction=test_fraction,
+                                     seed=seed, num_folds=num_folds, fold=fold)
+        if self.writer:
+            os.makedirs(self.path, exist_ok=True)
+            atomic.atomic_write_json(path, {"seed": seed, "val_fraction": val_fraction,
+                                            "test_fraction": test_fraction, "num_folds": num_folds,
+                                            "fold": fold, **split})
+        return split
+
+    # -- History and other files ----------------------------------------------------------------
+
+    def append_history(self, record: dict) -> None:
+        if not self.writer:
+            return
+        with open(self.file(HISTORY_FILE), "a") as f:
+            f.write(json.dumps(record, sort_keys=True) + "\n")
+            f.flush()
+            os.fsync(f.fileno())
+
+    def history(self) -> list[dict]:
+        path = self.file(HISTORY_FILE)
+        if not os.path.exists(path):
+            return []
+        with open(path) as f:
+            return [json.loads(line) for line in f if line.strip()]
+
+    def truncate_history(self, last_epoch: int) -> None:
+        """Drops records past the restored epoch, written before a crash hit the checkpoint."""
+        if not self.writer:
+            return
+        records = self.history()
+        kept = [r for r in records if r.get("epoch", 0) <= last_epoch]
+        if len(kept) != len(records):
+            atomic.atomic_write(self.file(HISTORY_FILE),
+                                "".join(json.dumps(r, sort_keys=True) + "\n" for r in kept))
+
+    def write(self, name: str, content) -> str | None:
+        """Atomically writes one of the run's files (bytes, text, or a path writer; see atomic_write)."""
+        if not self.writer:
+            return None
+        suffix = os.path.splitext(name)[1]
+        return atomic.atomic_write(self.file(name), content, suffix=suffix)
+
+    def write_json(self, name: str, payload) -> str | None:
+        return atomic.atomic_write_json(self.file(name), payload) if self.writer else None
+
+
+def versions() -> dict:
+    import keras
+    import tensorflow as tf
+
+    return {"brainseg": PROJECT_VERSION, "tensorflow": tf.__version__, "keras": keras.__version__,
+            "python": platform.python_version()}
 
 
 def _identity(values: dict) -> dict:
@@ -43,80 +284,3 @@ def _identity(values: dict) -> dict:
     if out.get("data_dir"):
         out["data_dir"] = os.path.realpath(out["data_dir"])
     return out
-
-
-def prepare(config: Config, *, log) -> str:
-    """Creates or re-opens the run directory and records the resolved config.
-
-    A directory that holds a run of another configuration (model shape, image
-    size, data or split) is refused with what differs, unless --overwrite.
-
-    Returns:
-      The run directory.
-
-    Raises:
-      RunDirError: the directory holds a different run, or cannot be written.
-    """
-    run_dir = config.run_dir
-    path = os.path.join(run_dir, CONFIG_FILE)
-    if os.path.exists(path) and config.overwrite:
-        log(f"--overwrite: removing the previous run's files in {run_dir}")
-        for name in RUN_PRODUCTS:
-            target = os.path.join(run_dir, name)
-            if os.path.isdir(target):
-                shutil.rmtree(target)
-            elif os.path.exists(target):
-                os.remove(target)
-        for name in os.listdir(run_dir):
-            if name.startswith(RUN_PRODUCT_PREFIXES) and os.path.isfile(os.path.join(run_dir, name)):
-                os.remove(os.path.join(run_dir, name))
-    elif os.path.exists(path):
-        try:
-            with open(path) as f:
-                previous = json.load(f)["config"]
-        except (OSError, ValueError, KeyError) as e:
-            raise RunDirError(f"{path} is unreadable ({e}); pass --overwrite to start afresh") from None
-        old, new = _identity(previous), _identity(config.to_dict())
-        diffs = [f"--{k}: run has {old[k]!r}, flags say {new[k]!r}" for k in old if old[k] != new[k]]
-        if diffs:
-            raise RunDirError(
-                f"{run_dir} holds a run with a different configuration:\n  " + "\n  ".join(diffs)
-                + "\nUse another --model_dir/--run_name, or pass --overwrite to start afresh.")
-    try:
-        os.makedirs(run_dir, exist_ok=True)
-        write_json_atomic(path, {
-            "config": config.to_dict(),
-            "versions": {"brainseg": PROJECT_VERSION, "tensorflow": tf.__version__,
-                         "keras": keras.__version__, "python": platform.python_version()},
-        })
-    except OSError as e:
-        raise RunDirError(f"cannot write the run directory {run_dir}: {e.strerror or e}") from None
-    return run_dir
-
-
-def append_history(run_dir: str, record: dict) -> None:
-    with open(os.path.join(run_dir, HISTORY_FILE), "a") as f:
-        f.write(json.dumps(record, sort_keys=True) + "\n")
-        f.flush()
-        os.fsync(f.fileno())
-
-
-def truncate_history(run_dir: str, last_epoch: int) -> None:
-    """Drops records past the restored epoch, written before a crash hit the checkpoint."""
-    path = os.path.join(run_dir, HISTORY_FILE)
-    if not os.path.exists(path):
-        return
-    with open(path) as f:
-        records = [json.loads(line) for line in f if line.strip()]
-    kept = [r for r in records if r.get("epoch", 0) <= last_epoch]
-    if len(kept) != len(records):
-        with open(path, "w") as f:
-            f.writelines(json.dumps(r, sort_keys=True) + "\n" for r in kept)
-
-
-def read_history(run_dir: str) -> list[dict]:
-    path = os.path.join(run_dir, HISTORY_FILE)
-    if not os.path.exists(path):
-        return []
-    with open(path) as f:
-        return [json.loads(line) for line in f if line.strip()]

@@ -1,4 +1,4 @@
-"""The compiled train, eval and predict steps: pure math, no I/O, metric dicts out."""
+"""The compiled train and eval steps: pure math, no I/O, metric dicts out."""
 
 from __future__ import annotations
 
@@ -51,7 +51,7 @@ class Steps:
         self.global_batch = global_batch
         self.loss = loss
         self.step = step
-        self.traces = {"train": 0, "eval": 0, "predict": 0}
+        self.traces = {"train": 0, "eval": 0}
         self._scaled = isinstance(optimizer, keras.optimizers.LossScaleOptimizer)
         # XLA goes on the per-replica function, as Keras' own fit does, so the
         # cross-replica loop and the all-reduce stay outside the cluster.
@@ -59,7 +59,6 @@ class Steps:
         self._replica_eval = tf.function(self._replica_eval_step, jit_compile=jit_compile)
         self.train = tf.function(self._train_loop)
         self.evaluate = tf.function(self._eval_one)
-        self.predict = tf.function(self._predict)
 
     def _per_example_loss(self, logits, masks):
         return losses.per_example_loss(logits, masks, self.loss)
@@ -118,11 +117,6 @@ class Steps:
         self.traces["eval"] += 1
         out = self.strategy.run(self._replica_eval, args=(batch,))
         return {k: self.strategy.reduce("SUM", v, axis=None) for k, v in out.items()}
-
-    def _predict(self, images):
-        """Probabilities in float32 for a batch of preprocessed images (one device)."""
-        self.traces["predict"] += 1
-        return tf.sigmoid(tf.cast(self.model(images, training=False), tf.float32))
 
 
 def summarize_train(totals: dict, num_steps: int) -> dict[str, float]:

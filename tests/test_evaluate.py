@@ -18,7 +18,7 @@ from data.dataset import LggDataset
 from data.lgg import SliceRecord
 from engine import evaluate
 from engine.config import Config, validate
-from engine.predict import Predictor
+from engine.inference import Predictor
 from models import losses, postprocess
 from tests.helpers import config_flags, pointwise_model, run_engine
 
@@ -311,7 +311,7 @@ def test_evaluate_mode_agrees_with_the_python_api(evaluated):
     config, split, proc = evaluated
     assert proc.returncode == 0, proc.stderr
     from engine import build
-    dataset = build.load_dataset(config, log=lambda m: None).subset(split["test"])
+    dataset = build.load_dataset(config).subset(split["test"])
     summary, _ = evaluate.evaluate_patients(_pointwise_model(64), dataset, image_size=64, batch_size=4)
     with open(os.path.join(config.run_dir, "eval_test.json")) as f:
         report = json.load(f)

@@ -13,7 +13,7 @@ import pytest
 
 from engine import export
 from engine.config import Config
-from engine.predict import Predictor
+from engine.inference import Predictor
 from engine.rundir import RunDirError
 from models import unet
 from tests.helpers import config_flags, model_only_config, run_engine

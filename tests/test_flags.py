@@ -82,11 +82,11 @@ def test_a_run_written_before_the_fold_fields_existed_still_resumes(tmp_path):
     import json
     from engine import rundir
     config = Config(model_dir=str(tmp_path / "old"), num_folds=0, fold=0)
-    run_dir = rundir.prepare(config, log=lambda _: None)
+    rundir.RunDir(config.run_dir).open(config).close()
     path = tmp_path / "old" / rundir.CONFIG_FILE
     written = json.loads(path.read_text())
     del written["config"]["num_folds"], written["config"]["fold"]
     path.write_text(json.dumps(written))
-    assert rundir.prepare(config, log=lambda _: None) == run_dir
+    rundir.RunDir(config.run_dir).open(config).close()
     with pytest.raises(rundir.RunDirError, match="--fold"):
-        rundir.prepare(dataclasses.replace(config, num_folds=5, fold=1), log=lambda _: None)
+        rundir.RunDir(config.run_dir).open(dataclasses.replace(config, num_folds=5, fold=1))

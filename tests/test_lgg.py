@@ -1,6 +1,7 @@
 """Tests for data.lgg (discovery, pairing) and data.dataset.load on hand-made, synthetic and real trees."""
 
 import collections
+import logging
 import os
 import pathlib
 import re
@@ -103,13 +104,14 @@ def test_empty_patient_folder_is_a_problem(fake_lgg_tree):
     assert [str(p) for p in problems] == [f"{root / 'TCGA_FG_0009_20030101'}: patient folder holds no slices"]
 
 
-def test_skip_bad_slices_logs_each_and_counts(fake_lgg_tree):
+def test_skip_bad_slices_logs_each_and_counts(fake_lgg_tree, caplog):
     root = fake_lgg_tree()
     bad_image = root / "TCGA_CS_0001_20000101" / "TCGA_CS_0001_20000101_1.tif"
     bad_image.write_bytes(b"not a tiff at all")
     (root / "TCGA_HT_0003_20020101" / "TCGA_HT_0003_20020101_2_mask.tif").unlink()
-    messages = []
-    ds = dataset_lib.load(root, skip_bad_slices=True, log=messages.append)
+    caplog.set_level(logging.INFO)
+    ds = dataset_lib.load(root, skip_bad_slices=True)
+    messages = caplog.messages
     assert len(ds.records) == 9 - 2
     assert all(r.image_path != str(bad_image) for r in ds.records)
     skipped = [m for m in messages if m.startswith("skipping bad input:")]
@@ -122,7 +124,7 @@ def test_skip_bad_slices_with_nothing_left_is_an_error(fake_lgg_tree):
     root = fake_lgg_tree({"TCGA_CS_0001_20000101": 1})
     (root / "TCGA_CS_0001_20000101" / "TCGA_CS_0001_20000101_1_mask.tif").unlink()
     with pytest.raises(DataError, match="no usable slices"):
-        dataset_lib.load(root, skip_bad_slices=True, log=lambda m: None)
+        dataset_lib.load(root, skip_bad_slices=True)
 
 
 @pytest.mark.parametrize("text,expected", [
@@ -140,13 +142,13 @@ def test_data_csv_is_read_leniently(tmp_path, text, expected):
         assert found == expected
 
 
-def test_missing_data_csv_is_not_an_error(fake_lgg_tree):
+def test_missing_data_csv_is_not_an_error(fake_lgg_tree, caplog):
     root = fake_lgg_tree(data_csv=False)
     assert lgg.read_clinical_patients(root) is None
-    messages = []
-    ds = dataset_lib.load(root, log=messages.append)
+    caplog.set_level(logging.INFO)
+    ds = dataset_lib.load(root)
     assert len(ds.records) == 9
-    assert "no data.csv" in messages[-1]
+    assert "no data.csv" in caplog.messages[-1]
 
 
 def test_dataset_accessors(fake_lgg_tree):

@@ -1,5 +1,6 @@
 """Tests for engine/policies.py: Keras parity, state round trips and argument checks."""
 
+import dataclasses
 import json
 
 import keras
@@ -8,6 +9,7 @@ import pytest
 import tensorflow as tf
 
 from engine import policies
+from engine.config import Config
 
 LR0 = 0.01
 EPOCHS = 40
@@ -47,7 +49,6 @@ def _cases(seed: int, per_kind_and_mode: int) -> list[dict]:
         for mode in ("min", "max"):
             for _ in range(per_kind_and_mode):
                 values = _values(rng, kind, mode)
-                finite = [v for v in values if np.isfinite(v)]
                 cases.append(dict(
                     kind=kind, mode=mode, values=values,
                     patience=int(rng.integers(0, 5)),
@@ -56,7 +57,6 @@ def _cases(seed: int, per_kind_and_mode: int) -> list[dict]:
                     cooldown=int(rng.integers(0, 4)),
                     # 1e-3 rounds up in float32, 1e-4 rounds down: both sides of Keras' test.
                     min_lr=float(rng.choice([0.0, 1e-4, 1e-3, 2.5e-3])),
-                    baseline=None if rng.random() < 0.5 else float(rng.choice(finite)),
                 ))
     return cases
 
@@ -69,7 +69,7 @@ def _plateau_args(case):
 
 
 def _stopping_args(case):
-    return {k: case[k] for k in ("mode", "patience", "min_delta", "baseline")}
+    return {k: case[k] for k in ("mode", "patience", "min_delta")}
 
 
 def _describe(case, epoch):
@@ -140,7 +140,7 @@ def test_reduce_lr_on_plateau_matches_keras(model):
 
 
 def test_early_stopping_and_best_metric_match_keras(model):
-    stops = never_beat_baseline = 0
+    stops = 0
     for case in CASES:
         expected = _keras_stopping(model, case)
         stopping = policies.EarlyStopping(**_stopping_args(case))
@@ -153,8 +153,7 @@ def test_early_stopping_and_best_metric_match_keras(model):
             np.testing.assert_equal((new_best, best.best), (stopping.improved, stopping.best),
                                     err_msg=_describe(case, epoch))
         stops += any(e[0] for e in expected)
-        never_beat_baseline += case["baseline"] is not None and all(e[2] > 0 for e in expected)
-    assert stops > 100 and never_beat_baseline > 5, (stops, never_beat_baseline)
+    assert stops > 100, stops
 
 
 @pytest.mark.parametrize("mode", ["min", "max"])
@@ -281,7 +280,6 @@ STOPPING = dict(mode="max", patience=2)
     (policies.EarlyStopping, dict(STOPPING, mode="minimum"), "mode"),
     (policies.EarlyStopping, dict(STOPPING, patience=-2), "patience"),
     (policies.EarlyStopping, dict(STOPPING, min_delta=float("nan")), "min_delta"),
-    (policies.EarlyStopping, dict(STOPPING, baseline=float("inf")), "baseline"),
     (policies.BestMetric, dict(mode="up"), "mode"),
     (policies.BestMetric, dict(mode="min", min_delta=-0.1), "min_delta"),
 ])
@@ -294,5 +292,5 @@ def test_bad_arguments_are_rejected_by_name(cls, args, arg):
     ("val_loss", "min"), ("loss", "min"), ("val_bce_loss", "min"),
     ("val_dice", "max"), ("val_iou", "max"), ("dice", "max"),
 ])
-def test_mode_for(monitor, mode):
-    assert policies.mode_for(monitor) == mode
+def test_monitor_mode(monitor, mode):
+    assert dataclasses.replace(Config(), monitor=monitor).monitor_mode == mode

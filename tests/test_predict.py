@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 
 import keras
 import numpy as np
@@ -118,7 +119,7 @@ def test_inputs_are_brought_to_uint8_rgb_or_refused():
 # --- the mode, in process ---------------------------------------------------------------------------
 
 
-def test_predict_writes_masks_of_each_input_size_and_names_bad_files(tmp_path, run_dir):
+def test_predict_writes_masks_of_each_input_size_and_names_bad_files(tmp_path, run_dir, caplog):
     src = tmp_path / "in"
     (src / "sub").mkdir(parents=True)
     slices = {"a.tif": _slice(64, 64), "sub/b.tif": _slice(100, 80), "c.tif": _slice(256, 256),
@@ -127,10 +128,10 @@ def test_predict_writes_masks_of_each_input_size_and_names_bad_files(tmp_path, r
         tifffile.imwrite(src / name, image)
     (src / "broken.tif").write_bytes(b"II*\x00this is not a tiff")
     tifffile.imwrite(src / "rgba.tif", np.zeros((8, 8, 4), np.uint8))
-    messages = []
+    caplog.set_level(logging.INFO)
     out = tmp_path / "out"
-    code = predict.run(_config(tmp_path, input=str(src), output=str(out), model_dir=str(run_dir)),
-                       log=messages.append)
+    code = predict.run(_config(tmp_path, input=str(src), output=str(out), model_dir=str(run_dir)))
+    messages = caplog.messages
     assert code == 1
     text = "\n".join(messages)
     for bad, reason in (("broken.tif", "unreadable"), ("rgba.tif", "shape")):
@@ -153,13 +154,13 @@ def test_tta_of_a_pointwise_model_changes_nothing(tmp_path, run_dir):
     for tta in (False, True):
         out = tmp_path / f"out_tta{tta}"
         assert predict.run(_config(tmp_path, input=str(src), output=str(out), model_dir=str(run_dir),
-                                   tta=tta), log=lambda m: None) == 0
+                                   tta=tta)) == 0
         outputs.append(np.stack([tifffile.imread(out / f"s{i}_mask.tif") for i in range(4)]))
     assert 0 < (outputs[0] > 0).mean() < 1
     np.testing.assert_array_equal(outputs[0], outputs[1])
 
 
-def test_predicting_in_place_never_touches_ground_truth(tmp_path, run_dir):
+def test_predicting_in_place_never_touches_ground_truth(tmp_path, run_dir, caplog):
     folder = tmp_path / "kaggle_3m" / "TCGA_CS_0001_20000101"
     folder.mkdir(parents=True)
     truth = np.zeros((256, 256), np.uint8)
@@ -169,10 +170,10 @@ def test_predicting_in_place_never_touches_ground_truth(tmp_path, run_dir):
     for n in (1, 2):
         tifffile.imwrite(folder / f"TCGA_CS_0001_20000101_{n}_mask.tif", truth)
     before = {n: (folder / f"TCGA_CS_0001_20000101_{n}_mask.tif").read_bytes() for n in (1, 2)}
-    messages = []
+    caplog.set_level(logging.INFO)
     root = str(tmp_path / "kaggle_3m")
-    assert predict.run(_config(tmp_path, input=root, output=root, model_dir=str(run_dir)),
-                       log=messages.append) == 0
+    assert predict.run(_config(tmp_path, input=root, output=root, model_dir=str(run_dir))) == 0
+    messages = caplog.messages
     for n in (1, 2):
         assert (folder / f"TCGA_CS_0001_20000101_{n}_mask.tif").read_bytes() == before[n]
     _expect_left_half(tifffile.imread(folder / "TCGA_CS_0001_20000101_3_mask.tif"), 256)
@@ -208,4 +209,4 @@ def test_predict_with_no_model_fails_cleanly(tmp_path):
     tifffile.imwrite(src / "one.tif", _slice(64, 64))
     with pytest.raises(CheckpointError, match="final_model.keras does not exist"):
         predict.run(_config(tmp_path, input=str(src), output=str(tmp_path / "o"),
-                            model_dir=str(tmp_path / "nothing")), log=lambda m: None)
+                            model_dir=str(tmp_path / "nothing")))

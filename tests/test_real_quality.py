@@ -12,7 +12,6 @@ import tifffile
 
 from data import dataset as dataset_lib
 from data import lgg
-from data import split as split_lib
 from engine import evaluate
 from tests.helpers import run_engine
 
@@ -63,7 +62,7 @@ def test_short_real_run_beats_all_empty_predictions(lgg_real_data_dir, tmp_path)
                            timeout=240, check=True)
     elapsed = time.perf_counter() - start
 
-    split = json.loads((run_dir / split_lib.SPLIT_FILE).read_text())
+    split = json.loads((run_dir / "split.json").read_text())
     assert not set(split["test"]) & (set(split["train"]) | set(split["val"])), split
     summary = json.loads((run_dir / "eval_test.json").read_text())
     assert summary["patients"] == len(split["test"]) >= 2

@@ -1,4 +1,4 @@
-"""Tests for data.split: patient-level, stable, lesion-positive in every part, split.json reuse."""
+"""The patient split (data.split) and its split.json in the run directory (engine.rundir)."""
 
 import json
 
@@ -8,6 +8,7 @@ import pytest
 from data import split as split_lib
 from data.dataset import LggDataset
 from data.lgg import DataError, SliceRecord
+from engine.rundir import RunDir
 
 
 def _dataset(num_patients=20, *, with_lesions=None, slices=4) -> LggDataset:
@@ -64,7 +65,7 @@ def test_impossible_splits_raise_clear_errors():
 
 def test_split_json_is_written_then_reused(tmp_path):
     ds = _dataset(20)
-    split = split_lib.load_or_make_split(tmp_path / "run", ds, val_fraction=0.15, test_fraction=0.15, seed=0)
+    split = RunDir(str(tmp_path / "run")).load_or_make_split(ds, val_fraction=0.15, test_fraction=0.15, seed=0)
     path = tmp_path / "run" / "split.json"
     stored = json.loads(path.read_text())
     assert {k: stored[k] for k in ("train", "val", "test")} == split
@@ -73,15 +74,15 @@ def test_split_json_is_written_then_reused(tmp_path):
     # A resumed run reuses the file even when asked for another seed (the run's split is fixed).
     stored["val"], stored["train"] = stored["val"][1:], stored["train"] + stored["val"][:1]
     path.write_text(json.dumps(stored))
-    reused = split_lib.load_or_make_split(tmp_path / "run", ds, val_fraction=0.15, test_fraction=0.15, seed=5)
+    reused = RunDir(str(tmp_path / "run")).load_or_make_split(ds, val_fraction=0.15, test_fraction=0.15, seed=5)
     assert reused["val"] == sorted(stored["val"]) and reused["train"] == sorted(stored["train"])
 
 
 def test_split_json_naming_unknown_patients_is_a_data_error(tmp_path):
     ds = _dataset(20)
-    split_lib.load_or_make_split(tmp_path, ds, val_fraction=0.15, test_fraction=0.15, seed=0)
+    RunDir(str(tmp_path)).load_or_make_split(ds, val_fraction=0.15, test_fraction=0.15, seed=0)
     with pytest.raises(DataError) as e:
-        split_lib.load_or_make_split(tmp_path, ds.subset(ds.patients[:15]), val_fraction=0.15,
+        RunDir(str(tmp_path)).load_or_make_split(ds.subset(ds.patients[:15]), val_fraction=0.15,
                                      test_fraction=0.15, seed=0)
     assert str(tmp_path / "split.json") in str(e.value)
     assert "not in the dataset" in str(e.value)
@@ -95,7 +96,7 @@ def test_split_json_naming_unknown_patients_is_a_data_error(tmp_path):
 def test_bad_split_json_is_a_data_error(tmp_path, text, reason):
     (tmp_path / "split.json").write_text(text)
     with pytest.raises(DataError, match=reason) as e:
-        split_lib.load_or_make_split(tmp_path, _dataset(10), val_fraction=0.15, test_fraction=0.15, seed=0)
+        RunDir(str(tmp_path)).load_or_make_split(_dataset(10), val_fraction=0.15, test_fraction=0.15, seed=0)
     assert str(tmp_path / "split.json") in str(e.value)
 
 
@@ -167,16 +168,16 @@ def test_impossible_folds_raise_clear_errors():
 
 def test_split_json_records_the_fold_and_refuses_another(tmp_path):
     ds = _dataset(20)
-    split = split_lib.load_or_make_split(tmp_path, ds, val_fraction=0.15, test_fraction=0.15, seed=0,
+    split = RunDir(str(tmp_path)).load_or_make_split(ds, val_fraction=0.15, test_fraction=0.15, seed=0,
                                          num_folds=4, fold=2)
     stored = json.loads((tmp_path / "split.json").read_text())
     assert (stored["num_folds"], stored["fold"]) == (4, 2)
     assert split == split_lib.make_split(ds, seed=0, num_folds=4, fold=2)
-    assert split_lib.load_or_make_split(tmp_path, ds, val_fraction=0.15, test_fraction=0.15, seed=0,
+    assert RunDir(str(tmp_path)).load_or_make_split(ds, val_fraction=0.15, test_fraction=0.15, seed=0,
                                         num_folds=4, fold=2) == split
     for num_folds, fold in ((4, 3), (5, 2), (0, 0)):
         with pytest.raises(DataError, match="was made with --num_folds=4 --fold=2") as e:
-            split_lib.load_or_make_split(tmp_path, ds, val_fraction=0.15, test_fraction=0.15, seed=0,
+            RunDir(str(tmp_path)).load_or_make_split(ds, val_fraction=0.15, test_fraction=0.15, seed=0,
                                          num_folds=num_folds, fold=fold)
         assert str(tmp_path / "split.json") in str(e.value)
 
@@ -186,8 +187,8 @@ def test_split_json_from_before_folds_loads_as_the_fraction_split(tmp_path):
     split = split_lib.make_split(ds, seed=0)
     (tmp_path / "split.json").write_text(json.dumps({"seed": 0, "val_fraction": 0.15,
                                                      "test_fraction": 0.15, **split}))
-    assert split_lib.load_or_make_split(tmp_path, ds, val_fraction=0.15, test_fraction=0.15,
+    assert RunDir(str(tmp_path)).load_or_make_split(ds, val_fraction=0.15, test_fraction=0.15,
                                         seed=0) == split
     with pytest.raises(DataError, match="--num_folds=0 --fold=0"):
-        split_lib.load_or_make_split(tmp_path, ds, val_fraction=0.15, test_fraction=0.15, seed=0,
+        RunDir(str(tmp_path)).load_or_make_split(ds, val_fraction=0.15, test_fraction=0.15, seed=0,
                                      num_folds=5, fold=0)

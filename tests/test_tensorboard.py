@@ -33,7 +33,7 @@ def run(tmp_path_factory):
     config = tiny_config(tmp_path_factory.mktemp("tensorboard") / "run", epochs=EPOCHS,
                          log_every=LOG_EVERY, num_overlays=OVERLAYS)
     rt = runtime.resolve(config)
-    loop.train(config, rt, log=print)
+    loop.train(config, rt)
     return config
 
 
