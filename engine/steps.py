@@ -100,6 +100,12 @@ class Steps:
                 **{k: totals[k] + out[k] for k in COUNT_KEYS},
             }
             self.step.assign_add(1)
+        # A finite loss can still leave non-finite weights or Adam moments (an overflowing
+        # gradient): checked here, before the loop can save them, so the last checkpoint is good.
+        state = self.model.weights + [v for v in self.optimizer.variables
+                                      if tf.as_dtype(v.dtype).is_floating]
+        finite = tf.reduce_all([tf.reduce_all(tf.math.is_finite(v)) for v in state])
+        totals["nonfinite"] += tf.cast(tf.logical_not(finite), tf.float32)
         return totals
 
     def _replica_eval_step(self, batch):

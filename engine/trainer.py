@@ -72,7 +72,7 @@ class Trainer:
         sums = {k: float(v) for k, v in self.steps.train(self._iterator, tf.constant(num_steps, tf.int32)).items()}
         self._position = step + num_steps if offset + num_steps < self.steps_per_epoch else None
         if sums["nonfinite"]:
-            raise NonFiniteLossError(f"the training loss became NaN or infinite at step "
+            raise NonFiniteLossError(f"the training loss or weights became NaN or infinite at step "
                                      f"{step + num_steps} (epoch {epoch})")
         return sums
 
