@@ -1,12 +1,4 @@
-"""`--mode=export`: a SavedModel whose signature maps uint8 256x256x3 slices to probability maps.
-
-The serving function is the engine's own inference core (engine.inference.probabilities), so a
-client needs nothing but TensorFlow:
-
-    serve = tf.saved_model.load("logs/demo/saved_model").signatures["serving_default"]
-    probs = serve(images=tf.constant(uint8_batch))["probabilities"]  # float32 [B,256,256,1]
-    masks = probs[..., 0].numpy() > 0.5
-"""
+"""`--mode=export`: a SavedModel whose signature maps uint8 256x256x3 slices to probability maps."""
 
 from __future__ import annotations
 
@@ -110,6 +102,12 @@ def check_export(export_dir: str, predictor: Predictor, *, seed: int = 0) -> flo
 
 def run(config: Config) -> str:
     """Exports the run's model (or --checkpoint) to --export_dir, default <run_dir>/saved_model.
+
+    The serving function is the engine's own inference core, so a client needs only TensorFlow:
+
+        serve = tf.saved_model.load("logs/demo/saved_model").signatures["serving_default"]
+        probs = serve(images=tf.constant(uint8_batch))["probabilities"]  # float32 [B,256,256,1]
+        masks = probs[..., 0].numpy() > 0.5
 
     Returns:
       The export directory.

@@ -1,10 +1,4 @@
-"""`python -m engine.folds RUN_DIR [RUN_DIR ...] [--split=test]`: one per-patient Dice table over k-fold runs.
-
-Each run directory is one fold (--num_folds=k --fold=i) evaluated with --mode=evaluate, which
-wrote per_patient_<split>.csv. The folds' test splits are disjoint, so together they score every
-patient once as held-out; a patient in two runs means the runs are not folds of one cut, and the
-combined figure would count it twice, so that is refused.
-"""
+"""`python -m engine.folds RUN_DIR [RUN_DIR ...] [--split=test]`: one per-patient table over k-fold runs."""
 
 from __future__ import annotations
 
@@ -26,6 +20,11 @@ class FoldsError(Exception):
 
 def read_runs(run_dirs: list[str], split: str = "test") -> dict[str, dict[str, float]]:
     """Reads each run's per-patient Dice.
+
+    Each run directory is one fold (--num_folds=k --fold=i) evaluated with --mode=evaluate, which
+    wrote per_patient_<split>.csv. The folds' test splits are disjoint, so together they score
+    every patient once as held-out; a patient in two runs means the runs are not folds of one
+    cut, and the combined figure would count it twice, so that is refused.
 
     Args:
       run_dirs: run directories, one per fold.

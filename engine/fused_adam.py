@@ -1,11 +1,4 @@
-"""Adam whose per-variable update is TensorFlow's fused ResourceApplyAdam kernel.
-
-Keras 3's Adam updates each variable with about ten separate element-wise ops (two moment
-updates, a square root, a division, the step), each a pass over the variable's memory: 3-5% of
-a base-32 U-Net's training step on a CPU. `ResourceApplyAdam` does the same arithmetic in one
-pass. The class only replaces `update_step`: its variables (iterations, learning rate, first and
-second moments) are Keras Adam's, so checkpoints of either optimizer restore into the other.
-"""
+"""Adam whose per-variable update is TensorFlow's fused ResourceApplyAdam kernel."""
 
 from __future__ import annotations
 
@@ -16,6 +9,10 @@ import tensorflow as tf
 @keras.saving.register_keras_serializable(package="brainseg")
 class FusedAdam(keras.optimizers.Adam):
     """keras.optimizers.Adam with the update of dense gradients fused into one kernel.
+
+    Keras 3's Adam updates each variable with about ten element-wise ops, each a pass over its
+    memory; `ResourceApplyAdam` does the same arithmetic in one pass. Only `update_step` is
+    replaced: the variables are Keras Adam's, so checkpoints of either restore into the other.
 
     The kernel computes, like Keras' Adam:
       alpha = lr * sqrt(1 - beta_2**t) / (1 - beta_1**t),  t = iterations + 1

@@ -1,9 +1,4 @@
-"""The one inference path: a trained model, uint8 slices in, probability maps at their own size out.
-
-Training's overlays, evaluation, prediction and the exported SavedModel all go through
-`probabilities`, so they agree to the last bit: data.pipeline.preprocess, the model, a float32
-sigmoid, optional flip averaging, and a bilinear resize back to the slices' size.
-"""
+"""The one inference path: a trained model, uint8 slices in, probability maps at their own size out."""
 
 from __future__ import annotations
 
@@ -36,6 +31,10 @@ def model_image_size(model, fallback: int) -> int:
 
 def probabilities(model, images: tf.Tensor, *, image_size: int, tta: bool = False) -> tf.Tensor:
     """Probability maps at the input's own size for a uint8 batch (graph-safe).
+
+    Training's overlays, evaluation, prediction and the exported SavedModel all call this, so
+    they agree to the last bit: data.pipeline.preprocess, the model, a float32 sigmoid, optional
+    flip averaging, and a bilinear resize back to the slices' size.
 
     Args:
       model: a Keras model mapping float32 [B, S, S, 3] in [0, 1] to logits [B, S, S, 1].

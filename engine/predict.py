@@ -196,6 +196,19 @@ def _try_write(path: pathlib.Path, mask: np.ndarray) -> str | None:
 def run(config: Config) -> int:
     """Predicts every image under --input into --output.
 
+    File by file:
+      - Every `.tif`/`.tiff` under `--input` (recursively; hidden folders skipped) whose name
+        does not end in `_mask` is an image. `--input` may be a kaggle_3m-style tree (patient
+        folders) or a plain folder of slices.
+      - Files named `*_mask.tif` are ground truth: never predicted on, never overwritten. When a
+        target is an existing mask of the input (`--output` is `--input` on a labelled tree),
+        that image is skipped and counted; an `--output` nested inside `--input` is not read.
+      - For `DIR/a/b.tif` the prediction goes to `OUTPUT/a/b_mask.tif`: uint8, 0 or 255, the
+        input's own height and width, written atomically.
+      - Accepted images: uint8 or uint16, HxW (grayscale, replicated to 3 channels) or HxWx3;
+        a 16-bit slice whose values exceed 255 is rescaled by its own maximum to 0..255.
+      - A bad or unreadable file is reported with its path and reason; the others are written.
+
     Returns:
       The exit code: 0 if every image was written (or skipped as ground truth), 1 if any failed.
 

@@ -77,6 +77,16 @@ def read_history(run_dir) -> list[dict]:
         return [json.loads(line) for line in f if line.strip()]
 
 
+def asymmetric_model(size: int, seed: int = 3):
+    """A random 3x3 convolution: not flip-symmetric, so flip averaging changes its output."""
+    import keras
+
+    keras.utils.set_random_seed(seed)
+    inputs = keras.Input((size, size, 3))
+    return keras.Model(inputs, keras.layers.Conv2D(1, 3, padding="same", kernel_initializer="he_normal",
+                                                   dtype="float32")(inputs))
+
+
 def pointwise_model(size: int):
     """A 1x1-conv model with logit = 20 * (FLAIR - 0.5): lesion wherever the FLAIR channel is bright."""
     import keras

@@ -3,6 +3,7 @@
 import json
 import math
 import os
+import time
 
 import pytest
 
@@ -156,3 +157,34 @@ def test_gpu_peak_scales_with_replicas_and_unknown_gpus_have_none(caplog):
     unknown = dataclasses.replace(gpu, gpus=("Some Future GPU",))
     assert benchmark.measure_peak(unknown, "float16").tflops is None
     assert "GPU_PEAKS" in caplog.messages[0]
+
+
+class _SleepingSteps:
+    """Stands in for the compiled steps: each training step takes a known 40 ms of wall time."""
+
+    STEP_SECONDS = 0.04
+
+    def train(self, iterator, num_steps):
+        import tensorflow as tf
+
+        time.sleep(self.STEP_SECONDS * int(num_steps))
+        return {"loss": tf.constant(1.0)}
+
+
+def test_benchmark_timing_agrees_with_an_independent_clock():
+    from engine import benchmark
+
+    per_call, calls, batch = 3, 5, 16
+    start = time.monotonic()
+    samples = benchmark.time_train_calls(_SleepingSteps(), None, calls=calls, per_call=per_call)
+    elapsed = time.monotonic() - start
+    assert len(samples) == calls
+    wall = [w for w, _ in samples]
+    # Each sample is seconds per step: the known sleep, and together what the outer clock saw.
+    assert all(0.04 <= w < 0.06 for w in wall), wall
+    assert sum(wall) * per_call == pytest.approx(elapsed, rel=0.05)
+    # A sleeping step uses no CPU: the CPU-time clock is a clock of its own.
+    assert all(cpu < 0.01 for _, cpu in samples), samples
+    timing = benchmark.Timing(tuple(samples), first_call_seconds=wall[0] * per_call,
+                              steps_per_call=per_call, batch=batch)
+    assert timing.images_per_sec == pytest.approx(batch / _SleepingSteps.STEP_SECONDS, rel=0.2)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import dataclasses
 import json
 import math
 import os
@@ -20,7 +21,7 @@ from engine import evaluate
 from engine.config import Config, validate
 from engine.inference import Predictor
 from models import losses, postprocess
-from tests.helpers import config_flags, pointwise_model, run_engine
+from tests.helpers import asymmetric_model, config_flags, pointwise_model, run_engine
 
 # --- post-processing -------------------------------------------------------------------------------
 
@@ -167,11 +168,7 @@ def _pointwise_model(size: int) -> keras.Model:
 
 
 def _conv_model(size: int, seed: int = 3) -> keras.Model:
-    """A random 3x3 convolution: not flip-symmetric, so flip averaging changes its output."""
-    keras.utils.set_random_seed(seed)
-    inputs = keras.Input((size, size, 3))
-    return keras.Model(inputs, keras.layers.Conv2D(1, 3, padding="same", kernel_initializer="he_normal",
-                                                   dtype="float32")(inputs))
+    return asymmetric_model(size, seed)
 
 
 def test_predictor_matches_a_direct_computation_with_and_without_tta():
@@ -329,3 +326,28 @@ def test_evaluate_without_a_model_fails_with_one_clear_line(tmp_path):
              if line.strip() and not re.match(r"[IWEF]\d{4} |WARNING: All log messages before absl", line)]
     assert len(lines) == 1 and lines[0].startswith("error:"), proc.stderr
     assert "final_model.keras" in lines[0] and "--checkpoint" in lines[0]
+
+
+def _volume_dice_from_files(truth_files, predicted_files) -> float:
+    """Dice of one patient, read back from TIFFs and counted in plain numpy."""
+    t = np.stack([tifffile.imread(f) > 0 for f in truth_files])
+    p = np.stack([tifffile.imread(f) > 0 for f in predicted_files])
+    return 1.0 if t.sum() + p.sum() == 0 else 2.0 * np.logical_and(t, p).sum() / (t.sum() + p.sum())
+
+
+def test_evaluate_scores_what_predict_writes(evaluated, tmp_path):
+    config, split, proc = evaluated
+    assert proc.returncode == 0, proc.stderr
+    out = tmp_path / "masks"
+    data = os.path.join(config.data_dir, "kaggle_3m")
+    predicted = run_engine(config_flags(dataclasses.replace(
+        config, mode="predict", input=data, output=str(out))), timeout=180)
+    assert predicted.returncode == 0, predicted.stdout + predicted.stderr
+    with open(os.path.join(config.run_dir, "per_patient_test.csv")) as f:
+        evaluated_dice = {r["patient"]: float(r["dice"]) for r in csv.DictReader(f)}
+    for patient in split["test"]:
+        numbers = range(1, 7)
+        truth = [os.path.join(data, patient, f"{patient}_{n}_mask.tif") for n in numbers]
+        masks = [out / patient / f"{patient}_{n}_mask.tif" for n in numbers]
+        assert evaluated_dice[patient] == pytest.approx(_volume_dice_from_files(truth, masks), abs=1e-6)
+    assert len(set(round(d, 3) for d in evaluated_dice.values())) == 3  # three different patients

@@ -7,13 +7,15 @@ import logging
 import keras
 import numpy as np
 import pytest
+import tensorflow as tf
 import tifffile
 
 from data.lgg import DataError
 from engine import predict
 from engine.checkpoint import CheckpointError
 from engine.config import Config
-from tests.helpers import config_flags, model_only_config, pointwise_model, run_engine
+from engine.inference import Predictor
+from tests.helpers import asymmetric_model, config_flags, model_only_config, pointwise_model, run_engine
 
 SIZE = 64  # the model's input size
 
@@ -144,20 +146,32 @@ def test_predict_writes_masks_of_each_input_size_and_names_bad_files(tmp_path, r
     assert "grayscale" in text and "16-bit" in text
 
 
-def test_tta_of_a_pointwise_model_changes_nothing(tmp_path, run_dir):
+def test_tta_writes_the_masks_of_the_flip_averaged_probabilities(tmp_path):
+    # A model that is not flip-symmetric, so that ignoring --tta would show.
+    model = asymmetric_model(SIZE)
     rng = np.random.default_rng(0)
+    images = rng.integers(0, 256, (4, 80, 72, 3)).astype(np.uint8)
+    # Centre its logits on these slices, so that about half of every mask is lesion.
+    kernel, bias = model.layers[-1].get_weights()
+    logits = model(tf.image.resize(images / 255.0, (SIZE, SIZE)), training=False).numpy()
+    model.layers[-1].set_weights([kernel, bias - np.median(logits)])
+    model_dir = tmp_path / "asymmetric"
+    model_dir.mkdir()
+    model.save(str(model_dir / "final_model.keras"))
     src = tmp_path / "in"
     src.mkdir()
-    for i in range(4):
-        tifffile.imwrite(src / f"s{i}.tif", rng.integers(0, 256, (64, 64, 3)).astype(np.uint8))
-    outputs = []
+    for i, image in enumerate(images):
+        tifffile.imwrite(src / f"s{i}.tif", image)
+    outputs = {}
     for tta in (False, True):
         out = tmp_path / f"out_tta{tta}"
-        assert predict.run(_config(tmp_path, input=str(src), output=str(out), model_dir=str(run_dir),
+        assert predict.run(_config(tmp_path, input=str(src), output=str(out), model_dir=str(model_dir),
                                    tta=tta)) == 0
-        outputs.append(np.stack([tifffile.imread(out / f"s{i}_mask.tif") for i in range(4)]))
-    assert 0 < (outputs[0] > 0).mean() < 1
-    np.testing.assert_array_equal(outputs[0], outputs[1])
+        outputs[tta] = np.stack([tifffile.imread(out / f"s{i}_mask.tif") for i in range(4)]) > 0
+        want = Predictor(model, image_size=SIZE, tta=tta)(images, batch_size=4) > 0.5
+        np.testing.assert_array_equal(outputs[tta], want)
+    assert 0 < outputs[False].mean() < 1
+    assert (outputs[False] != outputs[True]).mean() > 0.01
 
 
 def test_predicting_in_place_never_touches_ground_truth(tmp_path, run_dir, caplog):
