@@ -48,10 +48,17 @@ def _tiff_error(e: Exception) -> str:
     return f"unreadable or truncated TIFF ({type(e).__name__}: {e})"
 
 
+def multi_page(pages: int) -> str:
+    """What is wrong with a TIFF of several pages: which one is the slice is anybody's guess."""
+    return f"multi-page TIFF ({pages} pages): expected one slice per file"
+
+
 def _read_image(path: str, out: np.ndarray) -> str | None:
     """Reads one image straight into `out`; returns what is wrong with it, or None."""
     try:
         with tifffile.TiffFile(path) as tif:
+            if len(tif.pages) > 1:
+                return multi_page(len(tif.pages))
             page = tif.pages[0]
             shape, dtype = tuple(page.shape), np.dtype(page.dtype)
             if shape[:2] == SLICE_SHAPE and shape != IMAGE_SHAPE:
@@ -70,6 +77,8 @@ def _read_mask(path: str, out: np.ndarray) -> str | None:
     """Reads one mask into `out` as {0, 1}; returns what is wrong with it, or None."""
     try:
         with tifffile.TiffFile(path) as tif:
+            if len(tif.pages) > 1:
+                return multi_page(len(tif.pages))
             page = tif.pages[0]
             shape, dtype = tuple(page.shape), np.dtype(page.dtype)
             if shape != SLICE_SHAPE:
@@ -123,10 +132,12 @@ def _decode_files(records: tuple[SliceRecord, ...], workers: int) -> tuple[Decod
 
 
 def cache_key(records) -> str:
-    """Hashes every image and mask path with its size and mtime (plus the decode rules' version).
+    """Hashes every image and mask path with its size, mtime, ctime and inode (and the rules' version).
 
     Any added, removed, renamed, rewritten or touched file changes the key, so a stale cache is never
-    used. A file that cannot be stat'ed hashes as size -1 and will fail decoding with a named problem.
+    used. A copy that keeps the mtime (`cp -p`, `rsync -t`, `tar`) still changes the ctime, which no
+    tool can set back, and a file replaced by a copy has a new inode. A file that cannot be stat'ed
+    hashes as size -1 and will fail decoding with a named problem.
 
     Args:
       records: the SliceRecords to decode, in order.
@@ -139,10 +150,11 @@ def cache_key(records) -> str:
         for path in (r.image_path, r.mask_path):
             try:
                 st = os.stat(path)
-                size, mtime = st.st_size, st.st_mtime_ns
+                facts = (st.st_size, st.st_mtime_ns, st.st_ctime_ns, st.st_ino)
             except OSError:
-                size, mtime = -1, -1
-            h.update(f"{path}\t{size}\t{mtime}\n".encode())
+                facts = (-1, -1, -1, -1)
+            # fsencode: a path that is not valid UTF-8 hashes by its bytes.
+            h.update(os.fsencode(path) + "\t{}\t{}\t{}\t{}\n".format(*facts).encode())
     return h.hexdigest()
 
 
@@ -150,7 +162,8 @@ def cache_path(cache_dir, records) -> pathlib.Path:
     """The cache file for this list of files: named by the paths only, so an edited dataset
     overwrites its own stale cache instead of piling up new files, and two datasets sharing a
     cache_dir (real and synthetic, say) do not evict each other."""
-    h = hashlib.sha256("\n".join(f"{r.image_path}\t{r.mask_path}" for r in records).encode())
+    h = hashlib.sha256(b"\n".join(os.fsencode(r.image_path) + b"\t" + os.fsencode(r.mask_path)
+                                  for r in records))
     return pathlib.Path(cache_dir) / f"lgg-decoded-{h.hexdigest()[:20]}.bin"
 
 

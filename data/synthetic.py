@@ -10,14 +10,16 @@ import multiprocessing
 import os
 import pathlib
 import shutil
+import sys
 import time
-from typing import Callable
 
 import numpy as np
 import threadpoolctl
 import tifffile
 
 SIZE = 256
+
+log = logging.getLogger(__name__)
 
 # The header of the real kaggle_3m/data.csv, copied verbatim so readers of the
 # real table read ours.
@@ -437,7 +439,6 @@ def write_dataset(
     patients: int,
     seed: int,
     workers: int | None = None,
-    log: Callable[[str], None] = logging.info,
 ) -> str:
     """Writes a synthetic dataset in the Kaggle layout.
 
@@ -452,18 +453,19 @@ def write_dataset(
       patients: number of patients, at least 1.
       seed: seed for names, anatomy, lesions and noise.
       workers: worker processes; None uses every CPU, 1 renders in-process.
-      log: receives one summary line (slices, lesion statistics, time).
 
     Returns:
       The path of the kaggle_3m folder.
 
     Raises:
       ValueError: patients < 1.
-      FileExistsError: out_dir/kaggle_3m already exists.
+      FileExistsError: out_dir is a file, or out_dir/kaggle_3m already exists.
     """
     if patients < 1:
         raise ValueError(f"patients must be >= 1, got {patients}")
     root = pathlib.Path(out_dir) / "kaggle_3m"
+    if pathlib.Path(out_dir).exists() and not pathlib.Path(out_dir).is_dir():
+        raise FileExistsError(f"{out_dir} is a file, not a folder; choose another --out")
     if root.exists():
         raise FileExistsError(f"{root} already exists; remove it or choose another --out")
     root.parent.mkdir(parents=True, exist_ok=True)
@@ -493,7 +495,7 @@ def write_dataset(
         raise
     area = np.concatenate(areas)
     positive = area[area > 0]
-    log(
+    log.info(
         f"wrote {patients} patients, {area.size} slices, {positive.size} lesion-positive "
         f"({positive.size / area.size:.1%}), median lesion area "
         f"{np.median(positive) if positive.size else 0.0:.2%} of a slice, "
@@ -516,6 +518,13 @@ if __name__ == "__main__":
 
     def main(argv):
         del argv
-        synthetic.write_dataset(FLAGS.out, patients=FLAGS.patients, seed=FLAGS.seed, workers=FLAGS.workers, log=print)
+        logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stdout)
+        try:
+            synthetic.write_dataset(FLAGS.out, patients=FLAGS.patients, seed=FLAGS.seed,
+                                    workers=FLAGS.workers)
+        except OSError as e:  # FileExistsError from the checks above, or the disk's own error
+            reason = f"{e.strerror} ({e.filename})" if e.strerror else str(e)
+            print(f"error: --out={FLAGS.out}: {reason}", file=sys.stderr)
+            sys.exit(2)
 
     app.run(main)

@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import os
 
 import keras
 import tensorflow as tf
 
 from data import dataset as lgg_dataset
 from data import lgg, synthetic
+from engine import checkpoint as checkpoint_lib
 from engine import inference
 from engine import steps as steps_lib
 from engine.config import Config
@@ -30,18 +32,33 @@ def load_dataset(config: Config) -> lgg_dataset.LggDataset:
         try:
             lgg.find_patient_dirs(config.data_dir)
         except lgg.DataError:
-            log.info(f"No patients under {config.data_dir}: writing {config.synthetic_patients} "
-                f"synthetic patients there (--synthetic_patients).")
-            try:
-                synthetic.write_dataset(config.data_dir, patients=config.synthetic_patients,
-                                        seed=config.seed)
-            except (FileExistsError, OSError) as e:
-                raise lgg.DataError(
-                    f"--synthetic_patients: cannot write the synthetic dataset into "
-                    f"{config.data_dir} ({e}); point --data_dir at an empty or new folder") from None
-    cache_dir = config.cache_dir or lgg_dataset.default_cache_dir()
+            write_synthetic(config.data_dir, patients=config.synthetic_patients, seed=config.seed)
+    cache_dir = (config.cache_dir or lgg_dataset.default_cache_dir()) if config.decode_cache else None
     return lgg_dataset.load(config.data_dir, skip_bad_slices=config.skip_bad_slices,
                             cache_dir=cache_dir)
+
+
+def write_synthetic(data_dir: str, *, patients: int, seed: int) -> None:
+    """Writes the synthetic set for --synthetic_patients, into a missing or empty folder only:
+    a folder with anything in it may be the user's data in a layout the loader missed.
+
+    Raises:
+      lgg.DataError: the folder is not empty, or cannot be written.
+    """
+    if os.path.isdir(data_dir) and os.listdir(data_dir):
+        raise lgg.DataError(
+            f"--synthetic_patients: {data_dir} holds no patient folders brainseg can read, but is "
+            f"not empty ({', '.join(sorted(os.listdir(data_dir))[:3])}, ...); synthetic data is only "
+            "written into a missing or empty folder. Point --data_dir at the kaggle_3m folder, or "
+            "at a new folder for the synthetic set")
+    log.info(f"No patients under {data_dir}: writing {patients} synthetic patients there "
+             f"(--synthetic_patients).")
+    try:
+        synthetic.write_dataset(data_dir, patients=patients, seed=seed)
+    except OSError as e:
+        raise lgg.DataError(f"--synthetic_patients: cannot write the synthetic dataset into "
+                            f"{data_dir} ({e.strerror or e}); point --data_dir at an empty or new "
+                            "folder") from None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -89,8 +106,28 @@ class TrainState:
     optimizer: keras.optimizers.Optimizer
     step: tf.Variable
 
-    def checkpoint(self) -> tf.train.Checkpoint:
-        return tf.train.Checkpoint(model=self.model, optimizer=self.optimizer, step=self.step)
+    def checkpoint(self, *, loss_scale: bool = True) -> tf.train.Checkpoint:
+        """The variables of a checkpoint: the model, Adam, the step, and float16's loss scale.
+
+        Adam is saved under its own name whatever the precision, and the loss scale (if any)
+        beside it, so that a run resumes under another --precision: restores ask for
+        loss_scale=False, then `read_loss_scale`, and a float32 run continued under
+        mixed_float16 starts with a fresh scale.
+        """
+        parts = dict(model=self.model, optimizer=steps_lib.inner_optimizer(self.optimizer),
+                     step=self.step)
+        if loss_scale and isinstance(self.optimizer, keras.optimizers.LossScaleOptimizer):
+            parts["loss_scale"] = self._loss_scale()
+        return tf.train.Checkpoint(**parts)
+
+    def read_loss_scale(self, info) -> None:
+        """Reads the float16 loss scale of a checkpoint, where it has one."""
+        if isinstance(self.optimizer, keras.optimizers.LossScaleOptimizer):
+            checkpoint_lib.restore(tf.train.Checkpoint(loss_scale=self._loss_scale()), info, partial=True)
+
+    def _loss_scale(self) -> tf.train.Checkpoint:
+        return tf.train.Checkpoint(scale=self.optimizer.dynamic_scale,
+                                   counter=self.optimizer.step_counter)
 
     @property
     def learning_rate(self) -> float:

@@ -56,6 +56,16 @@ def _one_of(choices) -> Check:
     return lambda v: None if v in choices else f"must be one of {', '.join(choices)}, got {v!r}"
 
 
+def _utf8(v) -> str | None:
+    """TensorFlow writes checkpoints and events only to paths that are valid UTF-8."""
+    try:
+        v.encode("utf-8")
+    except UnicodeEncodeError:
+        return (f"{v!r} is not valid UTF-8: TensorFlow cannot write or read its files there; "
+                "rename the folder or choose another")
+    return None
+
+
 def _field(default, help_text: str, check: Check | None = None, *, identity: bool = False):
     """A Config field: its default, its --help text, its range check, and whether it is part of the
     run's identity (a change makes an existing run directory a different run)."""
@@ -78,6 +88,8 @@ class Config:
                            "or patient folders).", identity=True)
     cache_dir: str = _field("", "Decoded-array cache folder ('' = $XDG_CACHE_HOME/brainseg or "
                             "~/.cache/brainseg).")
+    decode_cache: bool = _field(True, "Keep decoded slices in a checked cache file in --cache_dir "
+                                "(--nodecode_cache: decode every file each time, write nothing).")
     skip_bad_slices: bool = _field(False, "Log and skip bad slices instead of stopping before training.")
     synthetic_patients: int = _field(0, "If --data_dir has no patients, first write this many synthetic "
                                      "ones there (0: never).", _at_least(0, 10000))
@@ -144,8 +156,8 @@ class Config:
     deterministic: bool = _field(False, "Turn on TensorFlow op determinism (bitwise-reproducible runs, "
                                  "slower).")
     # Run directory, logging, evaluation.
-    model_dir: str = _field("", "Run directory ('' = logs/<run_name>).")
-    run_name: str = _field("default", "Name of the run directory under logs/.")
+    model_dir: str = _field("", "Run directory ('' = logs/<run_name>).", _utf8)
+    run_name: str = _field("default", "Name of the run directory under logs/.", _utf8)
     eval_every: int = _field(1, "Evaluate on the validation split every this many epochs.", POSITIVE)
     eval_batch_size: int = _field(0, "Evaluation batch size per replica (0 = --batch_size).",
                                   _at_least(0, 4096))
@@ -161,7 +173,7 @@ class Config:
     monitor: str = _field("val_loss", "Metric for best checkpoint, plateau and early stopping: "
                           "val_loss, val_dice or val_iou.", _one_of(MONITORS))
     restore_from: str = _field("", "Warm-start the model weights from another run directory or "
-                               "checkpoint.")
+                               "checkpoint.", _utf8)
     overwrite: bool = _field(False, "Start afresh in a run directory that holds another run.")
     plateau_factor: float = _field(0.1, "Learning-rate factor on a plateau.", _open_unit)
     plateau_patience: int = _field(5, "Evaluations without improvement before the learning rate "
@@ -182,13 +194,13 @@ class Config:
     input: str = _field("", "--mode=predict: a kaggle_3m-style folder or a folder of .tif slices.")
     output: str = _field("", "--mode=predict: where the <name>_mask.tif files go (may be --input).")
     checkpoint: str = _field("", "Model to use for evaluate/predict/export instead of the run's final "
-                             "model.")
+                             "model.", _utf8)
     tta: bool = _field(False, "Average predictions over flips (test-time augmentation).")
     min_component_size: int = _field(0, "Post-processing: remove predicted 2D components smaller than "
                                      "this (pixels).", _at_least(0, 256 * 256))
     keep_largest_component: bool = _field(False, "Post-processing: keep only the largest 3D component "
                                           "per patient.")
-    export_dir: str = _field("", "--mode=export: SavedModel folder ('' = <run_dir>/saved_model).")
+    export_dir: str = _field("", "--mode=export: SavedModel folder ('' = <run_dir>/saved_model).", _utf8)
     # Benchmark.
     benchmark_data: str = _field("synthetic", f"One of {', '.join(BENCHMARK_DATA)}: device-resident "
                                  "random batches or the real input pipeline.", _one_of(BENCHMARK_DATA))

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import re
 import shutil
 import tempfile
 
@@ -69,7 +70,8 @@ def export_saved_model(model, export_dir: str, *, image_size: int, tta: bool = F
                               f"refusing to replace it (choose another --export_dir)")
     parent = os.path.dirname(export_dir)
     os.makedirs(parent, exist_ok=True)
-    tmp = tempfile.mkdtemp(prefix=".tmp-export-", dir=parent)
+    _clean_after_killed_exports(parent, export_dir)
+    tmp = tempfile.mkdtemp(prefix=f".tmp-export-{os.getpid()}-", dir=parent)
     try:
         module = ServingModule(model, image_size=image_size, tta=tta)
         tf.saved_model.save(module, tmp, signatures={SIGNATURE: module.serve})
@@ -81,7 +83,7 @@ def export_saved_model(model, export_dir: str, *, image_size: int, tta: bool = F
                        "tensorflow": tf.__version__, **(metadata or {})}, f, indent=2, sort_keys=True)
         old = None
         if os.path.exists(export_dir):
-            old = tempfile.mkdtemp(prefix=".old-export-", dir=parent)
+            old = tempfile.mkdtemp(prefix=f".old-export-{os.getpid()}-", dir=parent)
             os.replace(export_dir, os.path.join(old, "saved_model"))
         os.replace(tmp, export_dir)
     except BaseException:
@@ -90,6 +92,32 @@ def export_saved_model(model, export_dir: str, *, image_size: int, tta: bool = F
     if old:
         shutil.rmtree(old, ignore_errors=True)
     return export_dir
+
+
+def _clean_after_killed_exports(parent: str, export_dir: str) -> None:
+    """Removes what an export killed midway left in `parent`: its half-written SavedModel, and
+    puts back a previous export it had moved aside. Leftovers of a live export are left alone."""
+    for name in sorted(os.listdir(parent)):
+        match = re.match(r"^\.(tmp|old)-export-(\d+)-", name)
+        if not match or _alive(int(match.group(2))):
+            continue
+        path = os.path.join(parent, name)
+        moved = os.path.join(path, "saved_model")
+        if match.group(1) == "old" and os.path.isdir(moved) and not os.path.exists(export_dir):
+            os.replace(moved, export_dir)
+            log.info(f"Put back {export_dir}: an export was killed before replacing it")
+        shutil.rmtree(path, ignore_errors=True)
+        log.info(f"Removed {path}, left by an export that was killed")
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
 
 
 def check_export(export_dir: str, predictor: Predictor, *, seed: int = 0) -> float:

@@ -16,7 +16,7 @@ from engine.checkpoint import CheckpointManager, find_checkpoint, restore
 from engine.config import Config
 from engine.controller import Controller, LoopState
 from engine.policies import EarlyStopping, ReduceLROnPlateau
-from engine.rundir import RunDir
+from engine.rundir import FINAL_MODEL, RunDir
 from engine.runtime import Runtime
 from engine.summaries import SummaryWriter
 from engine.trainer import NonFiniteLossError, Trainer
@@ -65,12 +65,17 @@ def train(config: Config, runtime: Runtime) -> dict:
                               min_delta=config.early_stopping_min_delta))
     loop = LoopState(base_lr=config.learning_rate)
 
-    restored = manager.restore_latest(checkpoint)
+    restored = manager.restore_latest(state.checkpoint(loss_scale=False))
     if restored is not None:
+        state.read_loss_scale(restored)
         policies.restore(restored.state)
         loop.restore(restored.state["run"])
         run.truncate_history(restored.epoch)
         log.info(f"Resumed from {restored.path} (step {restored.step}, epoch {restored.epoch})")
+        previous = restored.state.get("precision", runtime.precision)
+        if previous != runtime.precision:
+            log.info(f"The run was trained in {previous} so far; it continues in {runtime.precision}"
+                     + (" with a fresh float16 loss scale" if runtime.precision == "mixed_float16" else ""))
     elif config.restore_from:
         source = find_checkpoint(config.restore_from)
         restore(tf.train.Checkpoint(model=state.model), source, partial=True)
@@ -87,7 +92,7 @@ def train(config: Config, runtime: Runtime) -> dict:
 
     def save(step: int, epoch: int, metrics: dict) -> None:
         manager.save(checkpoint, step=step, epoch=epoch, metrics=metrics,
-                     state={**policies.state(), "run": loop.state()})
+                     state={**policies.state(), "run": loop.state(), "precision": runtime.precision})
 
     overlays = Overlays(model=state.model, data=val_set, count=config.num_overlays,
                         image_size=config.image_size, writer=writer)
@@ -102,6 +107,12 @@ def train(config: Config, runtime: Runtime) -> dict:
         policies=policies, save=save, record=run.append_history, writer=writer, overlays=overlays,
         progress=Progress(config.progress), learning_rate=lambda: state.learning_rate,
         loss_scale=lambda: float(steps_lib.loss_scale(state.optimizer)))
+    if trainer.step < trainer.steps_per_epoch * config.epochs and loop.stopped is None:
+        # An older final model would outlive this run if it were interrupted: evaluate would
+        # score stale weights. It is written again when the run finishes.
+        if run.remove(FINAL_MODEL):
+            log.info(f"Removed {run.final_model} of the run so far: the run goes on past it, and "
+                     "writes it again when it finishes")
     log.info(f"Training from step {trainer.step} (epoch {trainer.step // trainer.steps_per_epoch}) "
              f"to {trainer.steps_per_epoch * config.epochs} steps: {trainer.steps_per_epoch} "
              f"steps/epoch, global batch {runtime.global_batch}")

@@ -16,6 +16,9 @@ from engine.config import ConfigError  # noqa: E402
 
 engine_flags.define_flags()
 FLAGS = flags.FLAGS
+# Exit codes of a training interrupted by a signal: 128 + the signal's number, as a shell reports
+# a process the signal ended. The run saved a checkpoint and resumes with the same command.
+INTERRUPTED = {"SIGINT": 130, "SIGTERM": 143}
 
 
 def setup_logging() -> None:
@@ -62,7 +65,12 @@ def run(config) -> int:
     try:
         if config.mode == "train":
             from engine import loop
-            loop.train(config, rt)
+            stopped = loop.train(config, rt)["stopped"]
+            if stopped in INTERRUPTED:
+                print(f"error: interrupted by {stopped} before the last step; the checkpoint is "
+                      f"saved: run the same command to resume (exit code {INTERRUPTED[stopped]})",
+                      file=sys.stderr, flush=True)
+                return INTERRUPTED[stopped]
         elif config.mode == "evaluate":
             from engine import evaluate
             evaluate.run(config)
@@ -98,4 +106,7 @@ def main(argv: list[str]) -> None:
 
 
 if __name__ == "__main__":
+    # A path that is not valid UTF-8 is printed with escapes rather than failing the print.
+    for stream in (sys.stdout, sys.stderr):
+        stream.reconfigure(errors="backslashreplace")
     app.run(main, flags_parser=parse_flags)

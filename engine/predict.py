@@ -13,6 +13,7 @@ import time
 import numpy as np
 import tifffile
 
+from data.decode import multi_page
 from data.lgg import DataError
 from engine import build
 from engine.atomic import atomic_write
@@ -70,7 +71,11 @@ def read_image(path: str) -> tuple[np.ndarray, tuple[str, ...]]:
     """
     try:
         with tifffile.TiffFile(path) as tif:
+            if len(tif.pages) > 1:
+                raise InputImageError(multi_page(len(tif.pages)))
             array = tif.pages[0].asarray()
+    except InputImageError:
+        raise
     except Exception as e:  # noqa: BLE001 - any tifffile/zlib/OS failure is a bad file, not a crash
         raise InputImageError(f"unreadable or truncated TIFF ({type(e).__name__}: {e})") from None
     return to_rgb_uint8(array)
@@ -99,6 +104,23 @@ def _is_mask(path: pathlib.Path) -> bool:
     return path.suffix.lower() in IMAGE_SUFFIXES and path.stem.lower().endswith(MASK_STEM_SUFFIX)
 
 
+def _walk(root: pathlib.Path):
+    """Every file under root, following symlinked folders (a subset laid out by links is normal),
+    each real folder once, hidden ones skipped."""
+    seen = set()
+    for folder, subfolders, names in os.walk(root, followlinks=True):
+        real = os.path.realpath(folder)
+        if real in seen:  # a link back up the tree: walked already
+            subfolders[:] = []
+            continue
+        seen.add(real)
+        subfolders[:] = sorted(d for d in subfolders if not d.startswith("."))
+        for name in names:
+            path = pathlib.Path(folder, name)
+            if not name.startswith(".") and path.is_file():
+                yield path
+
+
 def plan(input_dir, output_dir) -> tuple[list[Job], list[Job]]:
     """Lists the images under input_dir and their target masks under output_dir.
 
@@ -121,9 +143,8 @@ def plan(input_dir, output_dir) -> tuple[list[Job], list[Job]]:
         raise DataError(f"--output={output_dir}: exists and is not a folder")
     # An output folder nested inside the input holds this tool's earlier results, not inputs.
     nested = out.resolve() != root.resolve() and out.resolve().is_relative_to(root.resolve())
-    files = sorted(p for p in root.rglob("*")
-                   if p.is_file() and not any(part.startswith(".") for part in p.relative_to(root).parts)
-                   and not (nested and p.resolve().is_relative_to(out.resolve())))
+    files = sorted(p for p in _walk(root)
+                   if not (nested and p.resolve().is_relative_to(out.resolve())))
     ground_truth = {os.path.realpath(p) for p in files if _is_mask(p)}
     jobs, protected = [], []
     for p in files:

@@ -265,6 +265,13 @@ class RunDir:
         suffix = os.path.splitext(name)[1]
         return atomic.atomic_write(self.file(name), content, suffix=suffix)
 
+    def remove(self, name: str) -> bool:
+        """Deletes one of the run's files; True if there was one."""
+        if not self.writer or not os.path.isfile(self.file(name)):
+            return False
+        os.remove(self.file(name))
+        return True
+
     def write_json(self, name: str, payload) -> str | None:
         return atomic.atomic_write_json(self.file(name), payload) if self.writer else None
 

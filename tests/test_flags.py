@@ -18,6 +18,12 @@ from tests.helpers import run_engine
     (["--mode=fly"], "--mode", "fly"),
     (["--batch_size=abc"], "--batch_size", "abc"),
     (["--cpu_devices=2", "--jit_compile=true"], "--jit_compile", "logical CPU devices"),
+    (["--shift=inf"], "--shift", "finite"),
+    (["--rotation_deg=nan"], "--rotation_deg", "finite"),
+    (["--zoom=1"], "--zoom", "[0, 1)"),
+    (["--plateau_min_delta=-1"], "--plateau_min_delta", "zero or positive"),
+    (["--early_stopping_min_delta=nan"], "--early_stopping_min_delta", "finite"),
+    (["--image_size=16384"], "--image_size", "up to 512"),
 ])
 def test_bad_flag_values_give_one_line_and_exit_2(args, flag, words):
     proc = run_engine(args, timeout=60)
