@@ -249,6 +249,14 @@ def _gather(images: np.ndarray, masks: np.ndarray, indices, batch_size: int):
     return img, msk
 
 
+def _shard_by_data(ds: tf.data.Dataset) -> tf.data.Dataset:
+    """Under several workers, each takes its replicas' part of every global batch (the batches
+    are arrays in memory, not files, so there is nothing to shard by file)."""
+    options = tf.data.Options()
+    options.experimental_distribute.auto_shard_policy = tf.data.experimental.AutoShardPolicy.DATA
+    return ds.with_options(options)
+
+
 def train_dataset(
     images: np.ndarray,
     masks: np.ndarray,
@@ -314,7 +322,7 @@ def train_dataset(
     batches = np.arange(skip_batches, num_batches, dtype=np.int64)
     ds = tf.data.Dataset.from_tensor_slices((order, batches))
     ds = ds.map(load, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
-    return ds.prefetch(tf.data.AUTOTUNE)
+    return _shard_by_data(ds.prefetch(tf.data.AUTOTUNE))
 
 
 def eval_dataset(images: np.ndarray, masks: np.ndarray, *, batch_size: int, image_size: int) -> tf.data.Dataset:
@@ -350,4 +358,4 @@ def eval_dataset(images: np.ndarray, masks: np.ndarray, *, batch_size: int, imag
 
     ds = tf.data.Dataset.from_tensor_slices((order.reshape(num_batches, batch_size), weight.reshape(num_batches, batch_size)))
     ds = ds.map(load, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
-    return ds.prefetch(tf.data.AUTOTUNE)
+    return _shard_by_data(ds.prefetch(tf.data.AUTOTUNE))

@@ -518,7 +518,11 @@ if __name__ == "__main__":
 
     def main(argv):
         del argv
-        logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stdout)
+        # Plain lines on stdout (absl's handler on the root logger would prefix them, on stderr).
+        out = logging.getLogger("data")
+        out.addHandler(logging.StreamHandler(sys.stdout))
+        out.setLevel(logging.INFO)
+        out.propagate = False
         try:
             synthetic.write_dataset(FLAGS.out, patients=FLAGS.patients, seed=FLAGS.seed,
                                     workers=FLAGS.workers)

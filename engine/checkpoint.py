@@ -225,8 +225,29 @@ class CheckpointManager:
 
     # -- Restoring ---------------------------------------------------------------
 
+    def newest_verified(self) -> CheckpointInfo | None:
+        """The newest checkpoint that verifies, reporting each one skipped; None if there are none.
+
+        Raises:
+          CheckpointError: there are checkpoints but none verifies.
+        """
+        dirs = _checkpoint_dirs(self.directory)
+        problems = []
+        for _, path in reversed(dirs):
+            try:
+                return verify(path)
+            except CheckpointError as e:
+                problems.append(str(e))
+                log.info(f"Skipping a damaged checkpoint: {e}; falling back to the one before it")
+        if problems:
+            raise CheckpointError(
+                f"None of the {len(dirs)} checkpoints in {self.directory} verifies:\n  "
+                + "\n  ".join(problems)
+                + "\nMove them away (or pass --overwrite) to start afresh.")
+        return None
+
     def restore_latest(self, checkpoint: tf.train.Checkpoint) -> CheckpointInfo | None:
-        """Restores the newest checkpoint that verifies, reporting each one skipped.
+        """Restores the newest checkpoint that verifies (see newest_verified).
 
         Returns:
           The restored checkpoint, or None when the directory holds none.
@@ -235,22 +256,8 @@ class CheckpointManager:
           CheckpointError: there are checkpoints but none verifies, or the one
             that verifies does not fit `checkpoint` (another model shape).
         """
-        dirs = _checkpoint_dirs(self.directory)
-        problems = []
-        for _, path in reversed(dirs):
-            try:
-                info = verify(path)
-            except CheckpointError as e:
-                problems.append(str(e))
-                log.info(f"Skipping a damaged checkpoint: {e}; falling back to the one before it")
-                continue
-            return restore(checkpoint, info)
-        if problems:
-            raise CheckpointError(
-                f"None of the {len(dirs)} checkpoints in {self.directory} verifies:\n  "
-                + "\n  ".join(problems)
-                + "\nMove them away (or pass --overwrite) to start afresh.")
-        return None
+        info = self.newest_verified()
+        return None if info is None else restore(checkpoint, info)
 
     # -- Internals ---------------------------------------------------------------
 

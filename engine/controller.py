@@ -91,43 +91,47 @@ class Controller:
     progress: Progress
     learning_rate: Callable[[], float]  # what the optimizer holds now
     loss_scale: Callable[[], float]
+    agree_stop: Callable[[bool], bool] = lambda stop: stop  # True on all workers if on any
 
-    def run(self) -> str | None:
+    def run(self, stop: StopRequest) -> str | None:
         """Trains until the last step, early stopping or a signal; returns the signal's name, if any."""
         per_epoch = self.trainer.steps_per_epoch
         total = per_epoch * self.epochs
         step = saved = self.trainer.step
-        window, started = {}, time.perf_counter()
+        window, started, stopping = {}, time.perf_counter(), False
         self._epoch_started = started
-        with StopRequest() as stop:
-            while step < total and self.loop.stopped is None and not stop.signal_name:
-                n = steps_to_next(step, (per_epoch, self.log_every, self.checkpoint_every),
-                                  self.steps_per_execution)
-                lr = lr_at(step, base_lr=self.loop.base_lr, warmup_steps=self.warmup_steps)
-                sums = self.trainer.train(n, learning_rate=lr)
-                step += n
-                window = steps_lib.add_sums(window or None, {**sums, "steps": n})
-                self.loop.epoch_sums = steps_lib.add_sums(self.loop.epoch_sums, sums)
-                epoch, offset = divmod(step, per_epoch)
-                self._show_progress(window, offset or per_epoch, epoch + (offset > 0), started)
-                if itstime(step, self.log_every):
-                    self._train_scalars(step, window, time.perf_counter() - started)
-                    window, started = {}, time.perf_counter()
-                if offset == 0:  # An epoch ended: evaluate, policies, record and save, report.
-                    self._end_epoch(step, epoch)
-                    saved = step
-                elif stop.signal_name or itstime(step, self.checkpoint_every):
-                    self.save(step, epoch, {})
-                    saved = step
-            if stop.signal_name:
-                if saved != step:  # The signal came after this step's save check.
-                    self.save(step, step // per_epoch, {})
-                self.progress.end()
-                where = (f"{step % per_epoch}/{per_epoch} steps into epoch {step // per_epoch + 1}"
-                         if step % per_epoch else f"end of epoch {step // per_epoch}")
-                log.info(f"{stop.signal_name} received: saved a checkpoint at step {step} ({where}); "
-                         f"exiting. Run the same command to resume.")
-        return stop.signal_name
+        while step < total and self.loop.stopped is None and not stopping:
+            n = steps_to_next(step, (per_epoch, self.log_every, self.checkpoint_every),
+                              self.steps_per_execution)
+            lr = lr_at(step, base_lr=self.loop.base_lr, warmup_steps=self.warmup_steps)
+            sums = self.trainer.train(n, learning_rate=lr)
+            step += n
+            # A signal to any worker stops them all at this same step.
+            stopping = self.agree_stop(stop.signal_name is not None)
+            window = steps_lib.add_sums(window or None, {**sums, "steps": n})
+            self.loop.epoch_sums = steps_lib.add_sums(self.loop.epoch_sums, sums)
+            epoch, offset = divmod(step, per_epoch)
+            self._show_progress(window, offset or per_epoch, epoch + (offset > 0), started)
+            if itstime(step, self.log_every):
+                self._train_scalars(step, window, time.perf_counter() - started)
+                window, started = {}, time.perf_counter()
+            if offset == 0:  # An epoch ended: evaluate, policies, record and save, report.
+                self._end_epoch(step, epoch)
+                saved = step
+            elif stopping or itstime(step, self.checkpoint_every):
+                self.save(step, epoch, {})
+                saved = step
+        if not stopping:
+            return None
+        if saved != step:
+            self.save(step, step // per_epoch, {})
+        self.progress.end()
+        name = stop.signal_name or "SIGTERM"  # SIGTERM: another worker was preempted
+        where = (f"{step % per_epoch}/{per_epoch} steps into epoch {step // per_epoch + 1}"
+                 if step % per_epoch else f"end of epoch {step // per_epoch}")
+        log.info(f"{stop.signal_name or 'A signal to another worker'} received: saved a "
+                 f"checkpoint at step {step} ({where}); exiting. Run the same command to resume.")
+        return name
 
     def _show_progress(self, window: dict, done: int, epoch: int, started: float) -> None:
         live = steps_lib.summarize_train(window, window["steps"])

@@ -54,14 +54,20 @@ def parse_flags(argv: list[str]) -> list[str]:
 def run(config) -> int:
     """Resolves the device policy once, then dispatches on --mode; returns the exit code."""
     # Imported here so that --help and flag errors answer without loading TensorFlow.
+    import tensorflow as tf
+
     from data.lgg import DataError
     from engine import runtime as runtime_lib
     from engine.checkpoint import CheckpointError
+    from engine.cluster import ClusterError
     from engine.rundir import RunDirError
     from engine.trainer import NonFiniteLossError
 
     rt = runtime_lib.resolve(config)
     logging.getLogger("engine").info(f"brainseg {config.mode}: {rt.describe()}")
+    if not rt.is_chief:  # the chief speaks for the cluster; a worker only reports its errors
+        for name in ("engine", "data", "models"):
+            logging.getLogger(name).setLevel(logging.WARNING)
     try:
         if config.mode == "train":
             from engine import loop
@@ -83,8 +89,16 @@ def run(config) -> int:
         elif config.mode == "benchmark":
             from engine import benchmark
             benchmark.run(config, rt)
-    except (DataError, RunDirError) as e:
+    except (DataError, RunDirError, ClusterError) as e:
         fail(str(e), 2)
+    except (tf.errors.UnavailableError, tf.errors.DeadlineExceededError, tf.errors.AbortedError,
+            tf.errors.CancelledError) as e:
+        if rt.num_workers == 1:
+            raise
+        fail(f"worker {rt.worker_index} lost the cluster ({type(e).__name__}: "
+             f"{e.message.strip().splitlines()[0][:200]}); a worker stopped or cannot be reached. "
+             "Start every worker again with the same command: the run resumes from its last "
+             "checkpoint", 1)
     except (CheckpointError, NonFiniteLossError) as e:
         fail(str(e), 1)
     except OSError as e:  # A full or read-only disk outside the checkpoint manager.

@@ -5,6 +5,8 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import subprocess
+import sys
 
 import keras
 import tensorflow as tf
@@ -61,7 +63,36 @@ def resolve_jit(requested: str, has_gpu: bool) -> bool:
     return requested == "true"
 
 
-def _make_strategy(name: str, gpus: int, cpu_devices: int) -> tf.distribute.Strategy:
+# Runs beside a worker whose strategy is starting: the start-up waits in C++ for every worker of
+# TF_CONFIG, holding the GIL, so neither a thread nor a signal handler of the worker can end it.
+_WATCHDOG = """
+import os, signal, sys, time
+parent, seconds, message = int(sys.argv[1]), float(sys.argv[2]), sys.argv[3]
+time.sleep(seconds)
+if os.getppid() == parent:  # still waiting: say why, then end it (137 = 128 + SIGKILL)
+    print(message, file=sys.stderr, flush=True)
+    os.kill(parent, signal.SIGKILL)
+"""
+
+
+def _multi_worker(timeout: int) -> tf.distribute.MultiWorkerMirroredStrategy:
+    """MultiWorkerMirroredStrategy whose collectives fail after `timeout` seconds, in a process
+    that ends with a message if the cluster does not come up within `timeout` seconds."""
+    workers = json.loads(os.environ.get("TF_CONFIG", "{}")).get("cluster", {})
+    message = (f"error: the cluster did not come up within --collective_timeout={timeout}s: not "
+               f"every worker of TF_CONFIG ({workers}) is running and reachable; start them all with "
+               "the same command")
+    watchdog = subprocess.Popen([sys.executable, "-c", _WATCHDOG, str(os.getpid()), str(timeout), message],
+                                stdin=subprocess.DEVNULL)
+    try:
+        options = tf.distribute.experimental.CommunicationOptions(timeout_seconds=timeout)
+        return tf.distribute.MultiWorkerMirroredStrategy(communication_options=options)
+    finally:
+        watchdog.kill()
+        watchdog.wait()
+
+
+def _make_strategy(name: str, gpus: int, cpu_devices: int, timeout: int) -> tf.distribute.Strategy:
     if name == "auto":
         if os.environ.get("TF_CONFIG"):
             name = "multi_worker"
@@ -70,7 +101,7 @@ def _make_strategy(name: str, gpus: int, cpu_devices: int) -> tf.distribute.Stra
         else:
             name = "one_device"
     if name == "multi_worker":
-        return tf.distribute.MultiWorkerMirroredStrategy()
+        return _multi_worker(timeout)
     if name == "mirrored":
         if gpus == 0 and cpu_devices > 1:
             return tf.distribute.MirroredStrategy([f"/cpu:{i}" for i in range(cpu_devices)])
@@ -109,16 +140,19 @@ def resolve(config) -> Runtime:
     has_gpu = bool(physical_gpus)
     resolved_precision = resolve_precision(precision, has_gpu)
     keras.mixed_precision.set_global_policy(resolved_precision)
-    dist = _make_strategy(strategy, len(physical_gpus), cpu_devices)
+    dist = _make_strategy(strategy, len(physical_gpus), cpu_devices, c.collective_timeout)
 
     replicas = dist.num_replicas_in_sync
     num_workers, worker_index, is_chief = 1, 0, True
     if isinstance(dist, tf.distribute.MultiWorkerMirroredStrategy):
         cluster = json.loads(os.environ.get("TF_CONFIG", "{}"))
-        num_workers = len(cluster.get("cluster", {}).get("worker", [])) or 1
+        jobs = cluster.get("cluster", {})
+        num_workers = len(jobs.get("chief", [])) + len(jobs.get("worker", [])) or 1
         task = cluster.get("task", {})
-        worker_index = int(task.get("index", 0))
-        is_chief = task.get("type", "worker") in ("chief", "worker") and worker_index == 0
+        kind, index = task.get("type", "worker"), int(task.get("index", 0))
+        # With a "chief" job the chief is its task; without one, worker 0 is.
+        is_chief = kind == "chief" if jobs.get("chief") else index == 0
+        worker_index = index + (len(jobs.get("chief", [])) if kind == "worker" else 0)
     return Runtime(
         strategy=dist,
         precision=resolved_precision,

@@ -1,15 +1,12 @@
-"""tf.distribute on CPU: mirrored over 2 logical devices equals one device; multi-worker on loopback."""
+"""tf.distribute on CPU: mirrored over 2 logical devices equals one device (multi-worker: test_multi_worker)."""
 
 from __future__ import annotations
 
-import json
 import os
-import socket
 import subprocess
 import sys
 
 import numpy as np
-import pytest
 
 from tests.helpers import REPO
 
@@ -57,31 +54,3 @@ def test_mirrored_over_two_cpu_devices_matches_one_device(tmp_path):
     assert _weights(a)[0].dtype == np.float64
     for wa, wb in zip(_weights(a), _weights(b)):
         np.testing.assert_allclose(wa, wb, atol=1e-10, rtol=0)
-
-
-def _free_ports(n):
-    socks = [socket.socket() for _ in range(n)]
-    for s in socks:
-        s.bind(("127.0.0.1", 0))
-    ports = [s.getsockname()[1] for s in socks]
-    for s in socks:
-        s.close()
-    return ports
-
-
-@pytest.mark.slow
-def test_two_multi_worker_processes_on_loopback_end_with_identical_weights(tmp_path):
-    workers = [f"127.0.0.1:{p}" for p in _free_ports(2)]
-    procs = []
-    for index in range(2):
-        tf_config = {"cluster": {"worker": workers}, "task": {"type": "worker", "index": index}}
-        procs.append(_worker(tmp_path / f"w{index}.npz", "multi_worker", 0, 4,
-                             env={"TF_CONFIG": json.dumps(tf_config)}))
-    for proc in procs:
-        _finish(proc)
-    a, b = np.load(tmp_path / "w0.npz"), np.load(tmp_path / "w1.npz")
-    assert int(a["replicas"]) == int(b["replicas"]) == 2
-    assert int(a["step"]) == int(b["step"]) == STEPS
-    for wa, wb in zip(_weights(a), _weights(b)):
-        np.testing.assert_array_equal(wa, wb)
-    assert np.isfinite(a["losses"]).all()

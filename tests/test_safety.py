@@ -123,9 +123,9 @@ def test_an_interrupted_run_exits_143_and_removes_the_final_model_it_goes_past(t
     run_dir = tmp_path / "run"
     run_engine(config_flags(tiny_config(run_dir, epochs=1)), check=True)
     assert (run_dir / "final_model.keras").exists()
-    args = config_flags(tiny_config(run_dir, epochs=3))
+    args = config_flags(tiny_config(run_dir, epochs=2))
     proc = _start(args)
-    _wait_for_line(proc, "epoch 2/3")
+    _wait_for_line(proc, "Training from step")
     proc.send_signal(signal.SIGTERM)
     out, _ = proc.communicate(timeout=120)
     assert proc.returncode == 143, out
@@ -135,23 +135,22 @@ def test_an_interrupted_run_exits_143_and_removes_the_final_model_it_goes_past(t
     assert evaluated.returncode == 1 and "final_model.keras does not exist" in evaluated.stderr
     run_engine(args, check=True)
     assert (run_dir / "final_model.keras").exists()
-    assert [h["epoch"] for h in read_history(run_dir)] == [1, 2, 3]
+    assert [h["epoch"] for h in read_history(run_dir)] == [1, 2]
 
 
 # --- 4. a run resumes under another precision ---------------------------------------------------------
 
 
-@pytest.mark.parametrize("first, then", [("float32", "mixed_float16"), ("mixed_float16", "float32")])
-def test_a_run_resumes_under_another_precision(tmp_path, first, then):
+def test_a_run_resumes_under_another_precision_and_back(tmp_path):
     run_dir = tmp_path / "run"
-    run_engine(config_flags(tiny_config(run_dir, epochs=1, precision=first)), check=True)
-    proc = run_engine(config_flags(tiny_config(run_dir, epochs=2, precision=then)))
-    assert proc.returncode == 0, proc.stdout + proc.stderr
-    assert "Resumed from" in proc.stdout and f"trained in {first} so far; it continues in {then}" in proc.stdout
-    if then == "mixed_float16":
-        assert "with a fresh float16 loss scale" in proc.stdout
+    run_engine(config_flags(tiny_config(run_dir, epochs=1, precision="float32")), check=True)
+    for epochs, first, then in ((2, "float32", "mixed_float16"), (3, "mixed_float16", "float32")):
+        proc = run_engine(config_flags(tiny_config(run_dir, epochs=epochs, precision=then)))
+        assert proc.returncode == 0, proc.stdout + proc.stderr
+        assert f"trained in {first} so far; it continues in {then}" in proc.stdout
+        assert ("with a fresh float16 loss scale" in proc.stdout) == (then == "mixed_float16")
     history = read_history(run_dir)
-    assert [h["epoch"] for h in history] == [1, 2] and np.isfinite(history[-1]["loss"])
+    assert [h["epoch"] for h in history] == [1, 2, 3] and np.isfinite(history[-1]["loss"])
 
 
 # --- 6. paths that are not UTF-8, and the decode cache off -------------------------------------------

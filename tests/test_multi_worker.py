@@ -1,0 +1,166 @@
+"""Several workers through the real entry point on 127.0.0.1: one process's result, kills, SIGTERM."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import random
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+
+import numpy as np
+import pytest
+import tensorflow as tf
+
+from engine.checkpoint import CheckpointManager
+from tests.helpers import REPO, config_flags, read_history, run_engine, tiny_config
+
+pytestmark = pytest.mark.slow
+
+WORKERS = 2
+# Small enough that a lost worker fails the test's cluster quickly; the heartbeat notices sooner.
+TIMEOUT = 30
+SETTINGS = dict(epochs=2, batch_size=4, checkpoint_every_steps=5, deterministic=True,
+                collective_timeout=TIMEOUT)
+
+
+def _ports(n):
+    socks = [socket.socket() for _ in range(n)]
+    for s in socks:
+        s.bind(("127.0.0.1", 0))
+    ports = [s.getsockname()[1] for s in socks]
+    for s in socks:
+        s.close()
+    return ports
+
+
+def _cluster(run_dir, *, workers=WORKERS, start=None, **overrides):
+    """Starts `python -m engine.main --strategy=multi_worker` once per worker, each with its TF_CONFIG."""
+    args = config_flags(tiny_config(run_dir, strategy="multi_worker", **{**SETTINGS, **overrides}))
+    addresses = [f"127.0.0.1:{p}" for p in _ports(workers)]
+    procs = []
+    for index in range(workers) if start is None else start:
+        tf_config = {"cluster": {"worker": addresses}, "task": {"type": "worker", "index": index}}
+        procs.append(subprocess.Popen(
+            [sys.executable, "-m", "engine.main", *args], cwd=REPO,
+            env={**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2", "TF_CONFIG": json.dumps(tf_config)},
+            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True))
+    return procs
+
+
+def _finish(procs, timeout=240):
+    outputs = [p.communicate(timeout=timeout) for p in procs]
+    return [p.returncode for p in procs], outputs
+
+
+def _read_until(proc, needle: str) -> str:
+    """The process's stdout up to and including the first line holding `needle`."""
+    lines = []
+    while True:
+        line = proc.stdout.readline()
+        assert line, "".join(lines)
+        lines.append(line)
+        if needle in line:
+            return "".join(lines)
+
+
+def _values(run_dir) -> dict[str, np.ndarray]:
+    latest = CheckpointManager(directory=os.path.join(run_dir, "checkpoints")).latest()
+    reader = tf.train.load_checkpoint(os.path.join(latest.path, "ckpt"))
+    return {k: reader.get_tensor(k) for k in reader.get_variable_to_shape_map() if "OBJECT" not in k}
+
+
+def _same_run(a, b, atol=1e-5):
+    va, vb = _values(a), _values(b)
+    assert va.keys() == vb.keys() and len(va) > 10
+    for key in va:
+        np.testing.assert_allclose(va[key], vb[key], atol=atol, rtol=0, err_msg=key)
+    ha, hb = read_history(a), read_history(b)
+    assert [h["epoch"] for h in ha] == [h["epoch"] for h in hb] == [1, 2]
+    for x, y in zip(ha, hb):
+        for key in ("step", "loss", "dice", "val_loss", "val_dice", "learning_rate"):
+            assert x[key] == pytest.approx(y[key], abs=atol), key
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory):
+    """An uninterrupted two-worker run."""
+    run_dir = tmp_path_factory.mktemp("mw") / "reference"
+    codes, outputs = _finish(_cluster(run_dir))
+    assert codes == [0, 0], outputs
+    return run_dir, outputs
+
+
+def test_two_workers_compute_what_one_process_computes_on_the_same_global_batch(reference, tmp_path):
+    run_dir, outputs = reference
+    # One process with the same two replicas (logical CPUs) and the same global batch of 8.
+    single = tmp_path / "single"
+    run_engine(config_flags(tiny_config(single, strategy="mirrored", cpu_devices=2,
+                                        **{k: v for k, v in SETTINGS.items() if k != "collective_timeout"})),
+               check=True)
+    _same_run(run_dir, single)
+    # The chief speaks for the cluster; the other worker leaves nothing behind.
+    (chief_out, _), (worker_out, worker_err) = outputs
+    assert "epoch 2/2" in chief_out and "epoch 1/2" not in worker_out, worker_out
+    assert len([n for n in os.listdir(run_dir) if n.startswith("events.out.tfevents")]) == 1
+    digest = hashlib.sha256(os.path.abspath(run_dir).encode()).hexdigest()[:12]
+    assert not os.path.exists(os.path.join(tempfile.gettempdir(), f"brainseg-worker1-{digest}"))
+
+
+def test_a_cluster_killed_at_random_moments_resumes_to_the_uninterrupted_result(reference, tmp_path):
+    run_dir = tmp_path / "run"
+    rng = random.Random(7)
+    # Both workers killed mid-run, at a random moment once a checkpoint exists.
+    procs = _cluster(run_dir)
+    deadline = time.time() + 120
+    while not (run_dir / "checkpoints").is_dir() or not os.listdir(run_dir / "checkpoints"):
+        assert time.time() < deadline and all(p.poll() is None for p in procs), _finish(procs)
+        time.sleep(0.05)
+    time.sleep(rng.uniform(0.0, 1.0))
+    for p in procs:
+        p.kill()
+    _finish(procs)
+    # Then only worker 1: the chief notices within the timeout and says what to do.
+    procs = _cluster(run_dir)
+    _read_until(procs[0], "Training from step")
+    time.sleep(rng.uniform(0.0, 2.0))
+    procs[1].kill()
+    start = time.time()
+    codes, outputs = _finish(procs, timeout=TIMEOUT + 60)
+    assert codes[0] == 1 and time.time() - start < TIMEOUT + 30, outputs[0]
+    assert "lost the cluster" in outputs[0][1] and "Traceback" not in outputs[0][1], outputs[0][1]
+    # Restarted with the same command, the cluster ends where the uninterrupted one did.
+    codes, outputs = _finish(_cluster(run_dir))
+    assert codes == [0, 0], outputs
+    assert "Resumed from" in outputs[0][0]
+    _same_run(reference[0], run_dir)
+
+
+def test_sigterm_to_one_worker_makes_both_save_at_one_step_and_exit(reference, tmp_path):
+    run_dir = tmp_path / "run"
+    procs = _cluster(run_dir)
+    lines = _read_until(procs[0], "epoch 1/2")
+    procs[1].send_signal(signal.SIGTERM)
+    codes, outputs = _finish(procs)
+    out = lines + outputs[0][0]
+    assert codes == [143, 143], outputs
+    assert "A signal to another worker received: saved a checkpoint at step" in out
+    saved = int(out.split("saved a checkpoint at step ")[1].split()[0])
+    assert CheckpointManager(directory=str(run_dir / "checkpoints")).latest().step == saved
+    codes, outputs = _finish(_cluster(run_dir))
+    assert codes == [0, 0], outputs
+    assert f"Training from step {saved} " in outputs[0][0]
+    _same_run(reference[0], run_dir)
+
+
+def test_a_worker_that_never_comes_up_is_a_clear_error_within_the_timeout(tmp_path):
+    start = time.time()
+    codes, outputs = _finish(_cluster(tmp_path / "run", start=[0], collective_timeout=10), timeout=120)
+    assert codes == [-signal.SIGKILL] and time.time() - start < 60, outputs  # ended by its watchdog
+    assert "did not come up within --collective_timeout=10s" in outputs[0][1]
+    assert not (tmp_path / "run").exists()
