@@ -35,7 +35,8 @@ class LggDataset:
     @functools.cached_property
     def positive(self) -> np.ndarray:
         """bool [N]: the slice's mask has at least one lesion pixel."""
-        return self.masks.reshape(len(self.masks), -1).max(axis=1, initial=0) > 0
+        return self.masks.reshape(len(self.masks), -1).max(axis=1, initial=0) > 0 if len(self.masks) else (
+            np.zeros(0, bool))  # an empty part of a split (no validation patients)
 
     def indices_of(self, patients: Iterable[str]) -> np.ndarray:
         """Indices of the slices of the given patients, in dataset order.

@@ -163,8 +163,8 @@ def scan(data_dir) -> tuple[list[SliceRecord], list[Problem]]:
     return records, problems
 
 
-def read_clinical_patients(dataset_root) -> set[str] | None:
-    """Reads the patient ids (e.g. "TCGA_CS_4941") of data.csv's rows, leniently.
+def read_clinical_table(dataset_root) -> dict[str, dict[str, str]] | None:
+    """Reads data.csv's rows by patient id (e.g. "TCGA_CS_4941"), leniently.
 
     data.csv is optional and only reported on, so this never raises: the separator is sniffed (files
     re-saved by spreadsheet software often use ';'), and a missing or unreadable file gives None.
@@ -173,7 +173,8 @@ def read_clinical_patients(dataset_root) -> set[str] | None:
       dataset_root: the folder holding the patient folders (see find_dataset_root).
 
     Returns:
-      The set of patient ids in the first column, or None if data.csv is missing or unreadable.
+      {patient id: {column: value}} for the rows whose first column is a TCGA id, or None if
+      data.csv is missing or unreadable.
     """
     path = pathlib.Path(dataset_root) / "data.csv"
     try:
@@ -188,8 +189,17 @@ def read_clinical_patients(dataset_root) -> set[str] | None:
         rows = list(csv.reader(text.splitlines(), dialect))
     except csv.Error:
         return None
-    ids = {row[0].strip() for row in rows[1:] if row and row[0].strip().startswith("TCGA_")}
-    return ids
+    if not rows:
+        return {}
+    header = [h.strip() for h in rows[0]]
+    return {row[0].strip(): {h: v.strip() for h, v in zip(header[1:], row[1:])}
+            for row in rows[1:] if row and row[0].strip().startswith("TCGA_")}
+
+
+def read_clinical_patients(dataset_root) -> set[str] | None:
+    """The patient ids of data.csv's rows (see read_clinical_table), or None without a data.csv."""
+    table = read_clinical_table(dataset_root)
+    return None if table is None else set(table)
 
 
 def clinical_id(patient: str) -> str:

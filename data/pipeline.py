@@ -220,15 +220,16 @@ def _drop_sequences(images, seed, probability: float):
     # leaves every other draw of the batch as it was.
     own_seed = tf.stack([tf.bitwise.bitwise_xor(seed[0], tf.constant(1, tf.int64)), seed[1]])
     dropped = tf.random.stateless_uniform([tf.shape(images)[0], 1, 1, 2], seed=own_seed) < probability
-    pre, flair, post = tf.unstack(images, axis=-1)
+    pre, flair, post = tf.unstack(images[..., :3], axis=-1)
     pre = tf.where(dropped[..., 0], flair, pre)
     post = tf.where(dropped[..., 1], flair, post)
-    return tf.stack([pre, flair, post], axis=-1)
+    # Channels past the third are neighbouring slices' FLAIR (2.5D): never replaced.
+    return tf.concat([tf.stack([pre, flair, post], axis=-1), images[..., 3:]], axis=-1)
 
 
 def _check_arrays(images: np.ndarray, masks: np.ndarray) -> None:
-    if images.ndim != 4 or images.shape[-1] != 3 or images.dtype != np.uint8:
-        raise ValueError(f"images must be uint8 [N, H, W, 3], got {images.dtype} {images.shape}")
+    if images.ndim != 4 or images.shape[-1] < 3 or images.dtype != np.uint8:
+        raise ValueError(f"images must be uint8 [N, H, W, C >= 3], got {images.dtype} {images.shape}")
     if masks.shape != images.shape[:3] or masks.dtype != np.uint8:
         raise ValueError(f"masks must be uint8 {images.shape[:3]}, got {masks.dtype} {masks.shape}")
 

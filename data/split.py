@@ -19,6 +19,8 @@ log = logging.getLogger(__name__)
 
 def _group_split(groups: np.ndarray, n_out: int, rng: np.random.RandomState) -> tuple[np.ndarray, np.ndarray]:
     """Splits slice indices so that exactly n_out whole groups (patients) land in the second part."""
+    if n_out == 0:
+        return np.arange(len(groups)), np.arange(0)
     splitter = GroupShuffleSplit(n_splits=1, test_size=n_out, random_state=rng)
     keep, out = next(splitter.split(np.zeros(len(groups)), groups=groups))
     return keep, out
@@ -38,8 +40,8 @@ def make_split(dataset, *, val_fraction: float = 0.15, test_fraction: float = 0.
 
     Args:
       dataset: an LggDataset (needs .records and .positive).
-      val_fraction: fraction of patients for validation, in (0, 1).
-      test_fraction: fraction of patients for test, in (0, 1); val + test < 1. Unused with folds.
+      val_fraction: fraction of patients for validation, in [0, 1); 0 for no validation part.
+      test_fraction: fraction of patients for test, in [0, 1); val + test < 1. Unused with folds.
       seed: the split seed; the same seed and dataset always give the same split.
       num_folds: 0 for the fraction split, else the number of folds (>= 2).
       fold: which fold is the test part, in [0, num_folds); 0 when num_folds is 0.
@@ -52,8 +54,8 @@ def make_split(dataset, *, val_fraction: float = 0.15, test_fraction: float = 0.
       DataError: the split is impossible (too few patients, or fewer than 3 with lesions).
     """
     for name, value in (("val_fraction", val_fraction), ("test_fraction", test_fraction)):
-        if not 0.0 < value < 1.0:
-            raise ValueError(f"{name} must be in (0, 1), got {value}")
+        if not 0.0 <= value < 1.0:
+            raise ValueError(f"{name} must be in [0, 1), got {value}")
     if val_fraction + test_fraction >= 1.0:
         raise ValueError(f"val_fraction + test_fraction must be < 1, got {val_fraction} + {test_fraction}")
     if num_folds == 1 or num_folds < 0:
@@ -67,21 +69,23 @@ def make_split(dataset, *, val_fraction: float = 0.15, test_fraction: float = 0.
     patients = sorted(set(groups.tolist()))
     with_lesions = sorted(set(groups[np.asarray(dataset.positive)].tolist()))
     n = len(patients)
-    n_test = max(1, round(test_fraction * n))
-    n_val = max(1, round(val_fraction * n))
+    n_test = max(1, round(test_fraction * n)) if test_fraction else 0
+    n_val = max(1, round(val_fraction * n)) if val_fraction else 0
     if n - n_test - n_val < 1:
         raise DataError(f"cannot split {n} patients into train/val/test with val_fraction={val_fraction}"
                         f" and test_fraction={test_fraction}: need at least 3 patients")
-    if len(with_lesions) < 3:
+    parts_wanted = 1 + (n_test > 0) + (n_val > 0)
+    if len(with_lesions) < parts_wanted:
         raise DataError(f"cannot give every split lesion-positive slices: only {len(with_lesions)} "
-                        f"patient(s) have lesions ({', '.join(with_lesions) or 'none'}); need at least 3")
+                        f"patient(s) have lesions ({', '.join(with_lesions) or 'none'}); need at least "
+                        f"{parts_wanted}")
     positive = np.asarray(dataset.positive)
     rng = np.random.RandomState(seed)
     for _ in range(MAX_DRAWS):
         rest, test = _group_split(groups, n_test, rng)
         train, val = _group_split(groups[rest], n_val, rng)
         parts = {"train": rest[train], "val": rest[val], "test": test}
-        if all(positive[idx].any() for idx in parts.values()):
+        if all(positive[idx].any() for idx in parts.values() if len(idx)):
             return {k: sorted(set(groups[idx].tolist())) for k, idx in parts.items()}
     raise DataError(f"no split of {n} patients ({len(with_lesions)} with lesions) with lesion-positive "
                     f"slices in every part after {MAX_DRAWS} draws; lower val/test fractions or add data")
@@ -106,7 +110,7 @@ def _kfold_split(groups: np.ndarray, positive: np.ndarray, *, val_fraction: floa
     test = [order[i] for i in chunks[fold]]
     held_out = set(test)
     rest = [p for p in order if p not in held_out]
-    n_val = max(1, round(val_fraction * n))
+    n_val = max(1, round(val_fraction * n)) if val_fraction else 0
     if len(rest) - n_val < 1:
         raise DataError(f"--num_folds={num_folds} leaves {len(rest)} of {n} patients outside the test "
                         f"fold, too few for {n_val} val and at least 1 train; use fewer folds or a "
@@ -115,6 +119,8 @@ def _kfold_split(groups: np.ndarray, positive: np.ndarray, *, val_fraction: floa
     if not any(has_lesion[p] for p in test):
         log.warning("fold %d of %d: no test patient has lesion-positive slices", fold, num_folds)
     windows = [[rest[(offset + i) % len(rest)] for i in range(n_val)] for offset in range(len(rest))]
+    if n_val == 0:  # no validation part: every patient outside the test fold trains
+        return {"train": sorted(rest), "val": [], "test": sorted(test)}
     # Both parts with lesions if any window allows it; else at least train, which must learn them.
     for strict in (True, False):
         for val in windows:

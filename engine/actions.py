@@ -42,13 +42,15 @@ class Evaluate:
 class Policies:
     """Reduce-on-plateau and early stopping, fed the monitored metric after each evaluation."""
 
-    def __init__(self, *, monitor: str, plateau: ReduceLROnPlateau, stopper: EarlyStopping):
-        self.monitor, self.plateau, self.stopper = monitor, plateau, stopper
+    def __init__(self, *, monitor: str, plateau: ReduceLROnPlateau, stopper: EarlyStopping,
+                 lower_lr: bool = True):
+        """lower_lr=False keeps the plateau policy's state but never applies it (a cosine schedule)."""
+        self.monitor, self.plateau, self.stopper, self.lower_lr = monitor, plateau, stopper, lower_lr
 
     def __call__(self, metrics: dict[str, float], *, epoch: int, base_lr: float) -> tuple[float, str | None]:
         """Returns the base learning rate for what follows, and why to stop (None: go on)."""
         value = metrics[self.monitor]
-        new_lr = self.plateau.update(value, base_lr)
+        new_lr = self.plateau.update(value, base_lr) if self.lower_lr else base_lr
         if new_lr != base_lr:
             log.info(f"Plateau in {self.monitor}: learning rate {base_lr:g} -> {new_lr:g}")
         stop = None

@@ -10,7 +10,7 @@ import keras
 import tensorflow as tf
 
 from data import dataset as lgg_dataset
-from data import lgg, synthetic
+from data import lgg, synthetic, volume
 from engine import checkpoint as checkpoint_lib
 from engine import inference
 from engine import steps as steps_lib
@@ -91,10 +91,18 @@ def load_split(config: Config, run: RunDir, *, create: bool) -> SplitData:
     return SplitData(dataset, split)
 
 
+def model_data(dataset: lgg_dataset.LggDataset, config: Config) -> lgg_dataset.LggDataset:
+    """The same slices with their images as the model reads them (data.volume.model_inputs)."""
+    images = volume.prepare(dataset.images, [r.patient for r in dataset.records],
+                            normalize=config.normalize, neighbours=config.neighbours)
+    return lgg_dataset.LggDataset(dataset.records, images, dataset.masks)
+
+
 def build_model(config: Config, runtime: Runtime | None = None) -> keras.Model:
     return unet.build_unet(
         image_size=config.image_size, base_filters=config.base_filters, depth=config.depth,
         dropout=config.dropout, batch_norm=config.batch_norm,
+        in_channels=volume.channels(config.neighbours),
         sync_batch_norm=bool(runtime and runtime.sync_batch_norm))
 
 
@@ -166,16 +174,33 @@ def save_final_model(model: keras.Model, run: RunDir) -> str | None:
     return run.write(FINAL_MODEL, lambda tmp: model.save(tmp))
 
 
-def trained_model(config: Config) -> tuple[keras.Model, str, int]:
-    """The model a reading mode uses (--checkpoint, else the run's final model), its source and
-    its input size (the model's own shape wins over --image_size).
+def segmenter(config: Config) -> inference.Segmenter:
+    """The inference a reading mode applies (evaluate, predict, export).
+
+    The run's own, as training recorded it in inference.json (its members, model inputs, TTA,
+    threshold and post-processing), with --tta and the post-processing flags added on top; or,
+    with --checkpoint, that one model; or, for a run trained before inference.json existed, its
+    final model with the flags' settings.
 
     Raises:
       CheckpointError: nothing loadable where the flags point.
     """
-    model, source = inference.load_model(config.run_dir, config.checkpoint,
-                                         build=lambda: build_model(config))
-    image_size = inference.model_image_size(model, config.image_size)
-    if image_size != config.image_size:
+    recorded = inference.read_spec(config.run_dir)
+    spec = recorded or inference.InferenceSpec(normalize=config.normalize, neighbours=config.neighbours,
+                                               chosen_on="flags")
+    extra = dataclasses.replace(
+        spec, tta=spec.tta or config.tta,
+        min_component_size=max(spec.min_component_size, config.min_component_size),
+        keep_largest_component=spec.keep_largest_component or config.keep_largest_component)
+    if recorded is not None and extra != recorded:
+        log.info("Adding the flags' --tta / post-processing to the run's recorded inference")
+    paths = [config.checkpoint] if config.checkpoint else [os.path.join(config.run_dir, m) for m in spec.members]
+    models, sources = [], []
+    for path in paths:
+        model, source = inference.load_model(path, build=lambda: build_model(config))
+        models.append(model)
+        sources.append(source)
+    image_size = inference.model_image_size(models[0], config.image_size)
+    if image_size != config.image_size and recorded is None:
         log.info(f"The model takes {image_size}x{image_size} inputs (--image_size={config.image_size} ignored)")
-    return model, source, image_size
+    return inference.Segmenter(models, extra, image_size=image_size, sources=sources)

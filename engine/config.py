@@ -12,9 +12,11 @@ MODES = ("train", "evaluate", "predict", "export", "benchmark")
 PRECISIONS = ("auto", "float32", "mixed_float16", "mixed_bfloat16")
 JIT_CHOICES = ("auto", "true", "false")
 STRATEGIES = ("auto", "one_device", "mirrored", "multi_worker")
-SPLITS = ("train", "val", "test")
+SPLITS = ("train", "val", "test", "all")
 BENCHMARK_DATA = ("synthetic", "pipeline")
 MONITORS = ("val_loss", "val_dice", "val_iou")
+LR_SCHEDULES = ("plateau", "cosine")
+NORMALIZE = ("none", "volume")  # data.volume.NORMALIZE; not imported, so --help needs no TensorFlow
 # The slices are 256x256: a model input beyond twice that only interpolates, at 4x the memory.
 MAX_IMAGE_SIZE = 512
 
@@ -93,10 +95,11 @@ class Config:
     skip_bad_slices: bool = _field(False, "Log and skip bad slices instead of stopping before training.")
     synthetic_patients: int = _field(0, "If --data_dir has no patients, first write this many synthetic "
                                      "ones there (0: never).", _at_least(0, 10000))
-    val_fraction: float = _field(0.15, "Fraction of patients in the validation split.", _open_unit,
-                                 identity=True)
+    val_fraction: float = _field(0.15, "Fraction of patients in the validation split (0: none; the "
+                                 "policies then have nothing to watch).", _below_one, identity=True)
     test_fraction: float = _field(0.15, "Fraction of patients in the test split (unused with "
-                                  "--num_folds).", _open_unit, identity=True)
+                                  "--num_folds; 0: train on every patient, as a model to ship does).",
+                                  _below_one, identity=True)
     num_folds: int = _field(0, "K-fold over patients: the test split is fold --fold of this many, cut by "
                             "--seed (0: --test_fraction split).", identity=True)
     fold: int = _field(0, "With --num_folds: which fold, 0 to num_folds-1, is the test split; one run "
@@ -113,6 +116,15 @@ class Config:
     dropout: float = _field(0.0, "Dropout rate after the U-Net bottleneck block (0 disables).",
                             _below_one)
     batch_norm: bool = _field(True, "BatchNorm in each U-Net block.", identity=True)
+    normalize: str = _field("none", "Intensity standardisation of each volume: none, or volume (each "
+                            "patient's channels scaled so their 99th percentile is the same).",
+                            _one_of(NORMALIZE), identity=True)
+    neighbours: int = _field(0, "2.5D input: the FLAIR of this many slices above and below as extra "
+                             "channels.", _at_least(0, 3), identity=True)
+    ensemble: int = _field(0, "Train this many fold members and average them: member k trains on "
+                           "every patient outside the test split but fold k, and the folds it held "
+                           "out choose the post-processing (0 or 1: one model).", _at_least(0, 20),
+                           identity=True)
     # Optimisation.
     epochs: int = _field(150, "Epochs to train.", _at_least(1, 100000))
     batch_size: int = _field(16, "Batch size per replica; the global batch is this times the replicas.",
@@ -121,6 +133,9 @@ class Config:
                                   f"must be in (0, 10], got {v}")
     warmup_epochs: float = _field(0.0, "Linear learning-rate warm-up over this many epochs (0 disables).",
                                   NON_NEGATIVE_FLOAT)
+    lr_schedule: str = _field("plateau", "After the warm-up: plateau (--learning_rate, lowered by the "
+                              "plateau policy) or cosine (down to --min_lr at the last step; the "
+                              "plateau policy is off).", _one_of(LR_SCHEDULES))
     steps_per_execution: int = _field(1, "Training steps run inside one tf.function call (cuts host "
                                       "overhead).", _at_least(1, 100000))
     dice_smooth: float = _field(1.0, "Smoothing term of the soft Dice loss.", NON_NEGATIVE_FLOAT)
@@ -193,7 +208,11 @@ class Config:
     restore_best_weights: bool = _field(True, "At the end, restore the best checkpoint's weights as the "
                                         "final model.")
     # Evaluation, prediction, export.
-    split: str = _field("test", f"Split for --mode=evaluate: one of {', '.join(SPLITS)}.", _one_of(SPLITS))
+    split: str = _field("test", "What --mode=evaluate scores: the run's train, val or test split, or all: "
+                        "every patient of --data_dir (any labelled kaggle_3m folder; no split.json "
+                        "needed).", _one_of(SPLITS))
+    surface_tolerance: float = _field(2.0, "Evaluation: tolerance of the normalised surface Dice, in "
+                                      "pixels.", _at_least(0.0, 256.0))
     input: str = _field("", "--mode=predict: a kaggle_3m-style folder or a folder of .tif slices.")
     output: str = _field("", "--mode=predict: where the <name>_mask.tif files go (may be --input).")
     checkpoint: str = _field("", "Model to use for evaluate/predict/export instead of the run's final "

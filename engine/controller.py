@@ -77,6 +77,8 @@ class Controller:
     loop: LoopState
     epochs: int
     warmup_steps: int
+    cosine: bool
+    min_lr: float
     steps_per_execution: int
     log_every: int
     checkpoint_every: int
@@ -103,7 +105,8 @@ class Controller:
         while step < total and self.loop.stopped is None and not stopping:
             n = steps_to_next(step, (per_epoch, self.log_every, self.checkpoint_every),
                               self.steps_per_execution)
-            lr = lr_at(step, base_lr=self.loop.base_lr, warmup_steps=self.warmup_steps)
+            lr = lr_at(step, base_lr=self.loop.base_lr, warmup_steps=self.warmup_steps,
+                       total_steps=total, min_lr=self.min_lr, cosine=self.cosine)
             sums = self.trainer.train(n, learning_rate=lr)
             step += n
             # A signal to any worker stops them all at this same step.

@@ -12,9 +12,10 @@ import tempfile
 import numpy as np
 import tensorflow as tf
 
+from data import volume
 from engine import build, rundir
 from engine.config import Config
-from engine.inference import THRESHOLD, Predictor, probabilities
+from engine.inference import Segmenter, probabilities
 from engine.rundir import RunDirError
 
 log = logging.getLogger(__name__)
@@ -29,32 +30,31 @@ TOLERANCE = 1e-4
 
 
 class ServingModule(tf.Module):
-    """Holds the model's variables and the one serving function."""
+    """Holds the members' variables and the one serving function: a volume in, probabilities out."""
 
-    def __init__(self, model, *, image_size: int, tta: bool):
+    def __init__(self, segmenter: Segmenter):
         super().__init__(name="brainseg")
-        self.model = model
-        self._image_size = image_size
-        self._tta = tta
+        self.members = segmenter.models
+        self._spec, self._image_size = segmenter.spec, segmenter.image_size
         self.serve = tf.function(
             self._serve,
             input_signature=[tf.TensorSpec([None, SERVING_SIZE, SERVING_SIZE, 3], tf.uint8,
                                            name=INPUT_NAME)])
 
     def _serve(self, images):
-        return {OUTPUT_NAME: probabilities(self.model, images, image_size=self._image_size,
-                                           tta=self._tta)}
+        # The engine's own steps, in the graph: the batch is one volume (data.volume.model_inputs).
+        x = volume.model_inputs(images, normalize=self._spec.normalize, neighbours=self._spec.neighbours)
+        probs = [probabilities(m, x, image_size=self._image_size, tta=self._spec.tta) for m in self.members]
+        return {OUTPUT_NAME: tf.add_n(probs) / len(probs)}
 
 
-def export_saved_model(model, export_dir: str, *, image_size: int, tta: bool = False,
-                       metadata: dict | None = None) -> str:
+def export_saved_model(segmenter: Segmenter, export_dir: str, *, metadata: dict | None = None) -> str:
     """Writes the SavedModel, replacing a previous export in one rename.
 
     Args:
-      model: the trained Keras model (logits out).
+      segmenter: the run's inference (its members, model inputs and TTA go into the graph; the
+        threshold and post-processing into brainseg_export.json).
       export_dir: destination folder.
-      image_size: the model's input size.
-      tta: bake flip averaging into the serving function.
       metadata: extra facts written to brainseg_export.json beside the SavedModel.
 
     Returns:
@@ -72,14 +72,18 @@ def export_saved_model(model, export_dir: str, *, image_size: int, tta: bool = F
     os.makedirs(parent, exist_ok=True)
     _clean_after_killed_exports(parent, export_dir)
     tmp = tempfile.mkdtemp(prefix=f".tmp-export-{os.getpid()}-", dir=parent)
+    spec = segmenter.spec
     try:
-        module = ServingModule(model, image_size=image_size, tta=tta)
+        module = ServingModule(segmenter)
         tf.saved_model.save(module, tmp, signatures={SIGNATURE: module.serve})
         with open(os.path.join(tmp, METADATA_FILE), "w") as f:
-            json.dump({"signature": SIGNATURE, "input": {INPUT_NAME: f"uint8 [batch, {SERVING_SIZE}, "
-                                                                     f"{SERVING_SIZE}, 3]"},
+            json.dump({"signature": SIGNATURE,
+                       "input": {INPUT_NAME: f"uint8 [batch, {SERVING_SIZE}, {SERVING_SIZE}, 3]"
+                                 + (": the slices of one volume, in slice order"
+                                    if spec.normalize != "none" or spec.neighbours else "")},
                        "output": {OUTPUT_NAME: f"float32 [batch, {SERVING_SIZE}, {SERVING_SIZE}, 1]"},
-                       "model_image_size": image_size, "tta": tta, "threshold": THRESHOLD,
+                       "model_image_size": segmenter.image_size, "members": len(segmenter.models),
+                       "inference": spec.to_json(), "threshold": spec.threshold,
                        "tensorflow": tf.__version__, **(metadata or {})}, f, indent=2, sort_keys=True)
         old = None
         if os.path.exists(export_dir):
@@ -120,12 +124,12 @@ def _alive(pid: int) -> bool:
     return True
 
 
-def check_export(export_dir: str, predictor: Predictor, *, seed: int = 0) -> float:
-    """Reloads the SavedModel and returns its largest difference from the engine on random slices."""
+def check_export(export_dir: str, segmenter: Segmenter, *, seed: int = 0) -> float:
+    """Reloads the SavedModel and returns its largest difference from the engine on a random volume."""
     serve = tf.saved_model.load(export_dir).signatures[SIGNATURE]
-    images = np.random.default_rng(seed).integers(0, 256, (2, SERVING_SIZE, SERVING_SIZE, 3), np.uint8)
+    images = np.random.default_rng(seed).integers(0, 256, (3, SERVING_SIZE, SERVING_SIZE, 3), np.uint8)
     exported = serve(**{INPUT_NAME: tf.constant(images)})[OUTPUT_NAME].numpy()[..., 0]
-    return float(np.abs(exported - predictor(images, batch_size=len(images))).max())
+    return float(np.abs(exported - segmenter.probabilities(images, batch_size=len(images))).max())
 
 
 def run(config: Config) -> str:
@@ -145,16 +149,16 @@ def run(config: Config) -> str:
       RunDirError: --export_dir holds something that is not a SavedModel, or the
         reloaded export disagrees with the engine.
     """
-    model, source, image_size = build.trained_model(config)
+    segmenter = build.segmenter(config)
     export_dir = config.export_dir or os.path.join(config.run_dir, rundir.SAVED_MODEL)
-    export_saved_model(model, export_dir, image_size=image_size, tta=config.tta,
-                       metadata={"source": source, "brainseg": rundir.PROJECT_VERSION})
-    difference = check_export(export_dir, Predictor(model, image_size=image_size, tta=config.tta))
+    export_saved_model(segmenter, export_dir,
+                       metadata={"source": segmenter.sources, "brainseg": rundir.PROJECT_VERSION})
+    difference = check_export(export_dir, segmenter)
     if not difference <= TOLERANCE:
         raise RunDirError(f"{export_dir}: the reloaded SavedModel differs from the engine by "
                           f"{difference:.3g} (> {TOLERANCE}); the export is not trustworthy")
-    log.info(f"Exported {source} to {export_dir}: signature '{SIGNATURE}' takes {INPUT_NAME}: uint8 "
-             f"[batch, {SERVING_SIZE}, {SERVING_SIZE}, 3] and returns {OUTPUT_NAME}: float32 "
-             f"[batch, {SERVING_SIZE}, {SERVING_SIZE}, 1] (model input {image_size}, tta "
-             f"{'on' if config.tta else 'off'}); reload check: max difference {difference:.2g}")
+    log.info(f"Exported {', '.join(segmenter.sources)} to {export_dir}: signature '{SIGNATURE}' takes "
+             f"{INPUT_NAME}: uint8 [batch, {SERVING_SIZE}, {SERVING_SIZE}, 3] and returns {OUTPUT_NAME}: "
+             f"float32 [batch, {SERVING_SIZE}, {SERVING_SIZE}, 1] ({segmenter.describe()}); threshold "
+             f"and post-processing are in {METADATA_FILE}; reload check: max difference {difference:.2g}")
     return export_dir

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+import json
 import logging
 import os
 import zipfile
@@ -11,10 +13,12 @@ import numpy as np
 import tensorflow as tf
 
 from data import pipeline
+from data import volume as data_volume
 from engine import checkpoint as checkpoint_lib
 from engine.checkpoint import CheckpointError
-from engine.rundir import FINAL_MODEL
+from engine.rundir import FINAL_MODEL, INFERENCE_FILE
 from models import fused_batch_norm  # noqa: F401  (registers the layer that load_model reads)
+from models import postprocess
 
 log = logging.getLogger(__name__)
 
@@ -74,13 +78,13 @@ class Predictor:
             self.traces += 1
             return probabilities(model, images, image_size=image_size, tta=tta)
 
-        self._fn = tf.function(fn, input_signature=[tf.TensorSpec([None, None, None, 3], tf.uint8)])
+        self._fn = tf.function(fn, input_signature=[tf.TensorSpec([None, None, None, None], tf.uint8)])
 
     def __call__(self, images: np.ndarray, *, batch_size: int) -> np.ndarray:
         """Probabilities of a stack of same-sized slices.
 
         Args:
-          images: uint8 [N, H, W, 3].
+          images: uint8 [N, H, W, C], as the model reads them (data.volume.model_inputs).
           batch_size: slices per model call.
 
         Returns:
@@ -94,31 +98,105 @@ class Predictor:
         return out
 
 
-def load_model(run_dir: str, checkpoint: str = "", *, build=None) -> tuple[keras.Model, str]:
-    """The trained model evaluate, predict and export use, and where it came from.
+@dataclasses.dataclass(frozen=True)
+class InferenceSpec:
+    """Everything a run applies to a volume, recorded in its inference.json by training.
+
+    Attributes:
+      members: model files, relative to the run directory; their probabilities are averaged.
+      normalize, neighbours: how a volume becomes model inputs (data.volume.model_inputs).
+      tta: average over the four flips as well.
+      threshold: probability above which a pixel is lesion.
+      min_component_size: remove predicted 2D components smaller than this (pixels; 0: off).
+      min_component_voxels: remove predicted 3D components smaller than this (voxels; 0: off).
+      keep_largest_component: keep only the largest 3D component of a volume.
+      chosen_on: what the threshold and post-processing were chosen on, for the record.
+    """
+
+    members: tuple[str, ...] = (FINAL_MODEL,)
+    normalize: str = "none"
+    neighbours: int = 0
+    tta: bool = False
+    threshold: float = THRESHOLD
+    min_component_size: int = 0
+    min_component_voxels: int = 0
+    keep_largest_component: bool = False
+    chosen_on: str = "defaults"
+
+    def to_json(self) -> dict:
+        return {**dataclasses.asdict(self), "members": list(self.members)}
+
+    @classmethod
+    def from_json(cls, payload: dict, source: str) -> "InferenceSpec":
+        try:
+            return cls(**{**payload, "members": tuple(payload["members"])})
+        except (TypeError, KeyError) as e:
+            raise CheckpointError(f"{source} is not an inference record brainseg can read ({e})") from None
+
+
+class Segmenter:
+    """A run's whole inference on volumes: model inputs, the members' averaged probabilities,
+    the threshold and the post-processing. Evaluate, predict and export all go through it."""
+
+    def __init__(self, models: list, spec: InferenceSpec, *, image_size: int, sources: list[str]):
+        self.spec, self.image_size, self.sources = spec, image_size, sources
+        self.predictors = [Predictor(m, image_size=image_size, tta=spec.tta) for m in models]
+
+    @property
+    def models(self) -> list:
+        return [p.model for p in self.predictors]
+
+    def probabilities(self, volume: np.ndarray, *, batch_size: int) -> np.ndarray:
+        """float32 [D, H, W] for one patient's uint8 slices [D, H, W, 3], in slice order."""
+        x = data_volume.model_inputs(volume, normalize=self.spec.normalize,
+                                     neighbours=self.spec.neighbours).numpy()
+        total = None
+        for predictor in self.predictors:
+            p = predictor(x, batch_size=batch_size)
+            total = p if total is None else total + p
+        return total / len(self.predictors)
+
+    def masks(self, probabilities: np.ndarray) -> np.ndarray:
+        """bool [D, H, W]: the threshold, then the post-processing of the whole volume."""
+        s = self.spec
+        return postprocess.postprocess_volume(
+            probabilities > s.threshold, min_component_size=s.min_component_size,
+            min_component_voxels=s.min_component_voxels, keep_largest=s.keep_largest_component)
+
+    def segment(self, volume: np.ndarray, *, batch_size: int) -> tuple[np.ndarray, np.ndarray]:
+        probs = self.probabilities(volume, batch_size=batch_size)
+        return probs, self.masks(probs)
+
+    def describe(self) -> str:
+        s = self.spec
+        post = [f"2D components < {s.min_component_size} px removed"] if s.min_component_size > 1 else []
+        post += [f"3D components < {s.min_component_voxels} voxels removed"] if s.min_component_voxels > 1 else []
+        post += ["largest 3D component kept"] if s.keep_largest_component else []
+        return (f"{len(self.predictors)} model(s) at {self.image_size}x{self.image_size}, "
+                f"normalize {s.normalize}, neighbours {s.neighbours}, tta {'on' if s.tta else 'off'}, "
+                f"threshold {s.threshold:g}, post-processing: {', '.join(post) or 'none'} "
+                f"(chosen on {s.chosen_on})")
+
+
+def load_model(path: str, *, build=None) -> tuple[keras.Model, str]:
+    """One trained model, and where it came from.
 
     Args:
-      run_dir: the run directory; its final model unless `checkpoint` names another.
-      checkpoint: '' for the run's final model; else a `.keras` model file, a run directory,
-        its checkpoints folder, or one checkpoint (weights read into `build()`).
+      path: a `.keras` model file; or a run directory, its checkpoints folder, or one checkpoint
+        (weights read into `build()`).
       build: makes the model a checkpoint's weights are read into (from the current config).
 
-    Returns:
-      (model, source): the model and the file or checkpoint it was read from.
-
     Raises:
-      CheckpointError: nothing loadable where the flags point; a damaged file is named as such.
+      CheckpointError: nothing loadable at `path`; a damaged file is named as such.
     """
-    if checkpoint and not checkpoint.endswith(".keras"):
+    if not path.endswith(".keras"):
         model = build()
-        info = checkpoint_lib.restore(tf.train.Checkpoint(model=model), checkpoint, partial=True)
+        info = checkpoint_lib.restore(tf.train.Checkpoint(model=model), path, partial=True)
         log.info(f"Model weights from checkpoint {info.path}")
         return model, info.path
-    path = checkpoint or os.path.join(run_dir, FINAL_MODEL)
     if not os.path.exists(path):
-        flag = f"--checkpoint={checkpoint}" if checkpoint else path
         raise CheckpointError(
-            f"{flag} does not exist: train first (--mode=train with the same --run_name/--model_dir), "
+            f"{path} does not exist: train first (--mode=train with the same --run_name/--model_dir), "
             f"or name a checkpoint with --checkpoint")
     if not zipfile.is_zipfile(path):
         raise CheckpointError(f"{path} is damaged: not a Keras model archive (truncated or "
@@ -130,3 +208,18 @@ def load_model(run_dir: str, checkpoint: str = "", *, build=None) -> tuple[keras
                               f"{str(e).splitlines()[0][:200]})") from None
     log.info(f"Model from {path}")
     return model, path
+
+
+def read_spec(run_dir: str) -> InferenceSpec | None:
+    """The run's recorded inference, or None for a run that has none (trained before it existed)."""
+    path = os.path.join(run_dir, INFERENCE_FILE)
+    if not os.path.exists(path):
+        return None
+    try:
+        with open(path) as f:
+            payload = json.load(f)
+    except (OSError, ValueError) as e:
+        raise CheckpointError(f"{path} is unreadable ({e}); train again or remove it") from None
+    if not isinstance(payload, dict):
+        raise CheckpointError(f"{path} is not an inference record brainseg can read")
+    return InferenceSpec.from_json(payload, path)

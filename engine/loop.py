@@ -19,7 +19,8 @@ from engine.cluster import Cluster
 from engine.config import Config
 from engine.controller import Controller, LoopState, StopRequest
 from engine.policies import EarlyStopping, ReduceLROnPlateau
-from engine.rundir import FINAL_MODEL, RunDir
+from engine.inference import InferenceSpec
+from engine.rundir import FINAL_MODEL, INFERENCE_FILE, RunDir
 from engine.runtime import Runtime
 from engine.summaries import SummaryWriter
 from engine.trainer import NonFiniteLossError, Trainer
@@ -60,7 +61,7 @@ def _train(config: Config, runtime: Runtime, stop: StopRequest) -> dict:
     cluster.check_same("flags", {k: v for k, v in config.to_dict().items() if k not in LOCAL_FLAGS})
     data = cluster.together("load the data", lambda: build.load_split(config, run, create=True))
     cluster.check_same("patients or split", data.split)
-    train_set, val_set = data.part("train"), data.part("val")
+    train_set, val_set = (build.model_data(data.part(p), config) for p in ("train", "val"))
     log.info(f"Split: {len(data.split['train'])} train / {len(data.split['val'])} val / "
              f"{len(data.split['test'])} test patients; {len(train_set.records)} train slices, "
              f"{len(val_set.records)} val slices")
@@ -81,7 +82,8 @@ def _train(config: Config, runtime: Runtime, stop: StopRequest) -> dict:
                                   patience=config.plateau_patience, min_delta=config.plateau_min_delta,
                                   cooldown=config.plateau_cooldown, min_lr=config.min_lr),
         stopper=EarlyStopping(mode=config.monitor_mode, patience=config.early_stopping_patience,
-                              min_delta=config.early_stopping_min_delta))
+                              min_delta=config.early_stopping_min_delta),
+        lower_lr=config.lr_schedule == "plateau")
     loop = LoopState(base_lr=config.learning_rate)
 
     restored = resume(state, CheckpointManager(directory=run.checkpoints), cluster, runtime.is_chief)
@@ -118,6 +120,7 @@ def _train(config: Config, runtime: Runtime, stop: StopRequest) -> dict:
     controller = Controller(
         trainer=trainer, loop=loop, epochs=config.epochs,
         warmup_steps=int(config.warmup_epochs * trainer.steps_per_epoch),
+        cosine=config.lr_schedule == "cosine", min_lr=config.min_lr,
         steps_per_execution=config.steps_per_execution, log_every=config.log_every,
         checkpoint_every=config.checkpoint_every_steps, eval_every=config.eval_every,
         overlay_every=config.overlay_every,
@@ -208,6 +211,9 @@ def finish(config: Config, state: build.TrainState, manager: CheckpointManager,
         log.info(f"Restored the best weights: {best.name} ({config.monitor} "
                  f"{best.metrics.get(config.monitor, float('nan')):.4f}, epoch {best.epoch})")
     final_path = build.save_final_model(state.model, run)
+    # What evaluate, predict and export apply to this run's model.
+    run.write_json(INFERENCE_FILE, InferenceSpec(normalize=config.normalize,
+                                                 neighbours=config.neighbours).to_json())
     best_metrics = best.metrics if best is not None else {}
     writer.hparams(int(state.step.numpy()), {k: getattr(config, k) for k in HPARAMS}, {
         "hparams/val_dice": best_metrics.get("val_dice", math.nan),

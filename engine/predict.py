@@ -7,6 +7,7 @@ import dataclasses
 import logging
 import os
 import pathlib
+import re
 import sys
 import time
 
@@ -18,14 +19,12 @@ from data.lgg import DataError
 from engine import build
 from engine.atomic import atomic_write
 from engine.config import Config
-from engine.inference import THRESHOLD, Predictor
+from engine.inference import Segmenter
 
 log = logging.getLogger(__name__)
 
 IMAGE_SUFFIXES = (".tif", ".tiff")
 MASK_STEM_SUFFIX = "_mask"
-# Files read and predicted per round: bounds memory on large folders while keeping batches full.
-CHUNK_BATCHES = 8
 
 
 class InputImageError(ValueError):
@@ -159,42 +158,58 @@ def plan(input_dir, output_dir) -> tuple[list[Job], list[Job]]:
     return jobs, protected
 
 
-def predict_files(predictor: Predictor, jobs: list[Job], *, batch_size: int) -> dict:
-    """Predicts and writes the mask of every job; a bad file never stops the others.
+def volumes(jobs: list[Job], protected: list[Job]) -> list[list[Job]]:
+    """The volumes the slices form: a folder's images, in name order with numbers compared as
+    numbers (slice 9 before slice 10). Slices skipped for their ground truth still belong to their
+    volume: its standardisation, neighbours and 3D post-processing see them."""
+    folders: dict[pathlib.Path, list[Job]] = {}
+    for job in jobs + protected:
+        folders.setdefault(job.source.parent, []).append(job)
+    natural = lambda job: [(int(t), "") if t.isdigit() else (-1, t)  # noqa: E731
+                           for t in re.split(r"(\d+)", job.source.name)]
+    return [sorted(group, key=natural) for _, group in sorted(folders.items())]
+
+
+def predict_files(segmenter: Segmenter, jobs: list[Job], protected: list[Job], *,
+                  batch_size: int) -> dict:
+    """Predicts and writes the mask of every job, volume by volume; a bad file never stops the others.
 
     Args:
-      predictor: the inference core.
-      jobs: from `plan`.
-      batch_size: slices per model call (same-sized slices are batched together).
+      segmenter: the run's inference.
+      jobs, protected: from `plan`; protected slices are read for their volume, never written.
+      batch_size: slices per model call.
 
     Returns:
       {"written": int, "failed": [(path, reason)], "notes": {note: count}}.
     """
     written, failed, notes = 0, [], {}
-    chunk = max(1, batch_size * CHUNK_BATCHES)
+    writes = {id(j) for j in jobs}
     with concurrent.futures.ThreadPoolExecutor(max_workers=min(8, os.cpu_count() or 1)) as pool:
-        for start in range(0, len(jobs), chunk):
-            part = jobs[start:start + chunk]
-            decoded = list(pool.map(_try_read, [str(j.source) for j in part]))
+        for volume in volumes(jobs, protected):
+            decoded = list(pool.map(_try_read, [str(j.source) for j in volume]))
+            # A folder of slices of several sizes is one volume per size.
             by_shape: dict[tuple[int, int], list[int]] = {}
             for i, (image, image_notes, error) in enumerate(decoded):
                 if error is not None:
-                    failed.append((str(part[i].source), error))
-                    log.info(f"error: {part[i].source}: {error}")
+                    failed.append((str(volume[i].source), error))
+                    log.info(f"error: {volume[i].source}: {error}")
                     continue
-                for note in image_notes:
-                    notes[note] = notes.get(note, 0) + 1
+                if id(volume[i]) in writes:
+                    for note in image_notes:
+                        notes[note] = notes.get(note, 0) + 1
                 by_shape.setdefault(image.shape[:2], []).append(i)
             for indices in by_shape.values():
-                probs = predictor(np.stack([decoded[i][0] for i in indices]), batch_size=batch_size)
-                masks = np.where(probs > THRESHOLD, 255, 0).astype(np.uint8)
-                results = pool.map(_try_write, [part[i].target for i in indices], list(masks))
-                for i, error in zip(indices, results):
+                _, masks = segmenter.segment(np.stack([decoded[i][0] for i in indices]),
+                                             batch_size=batch_size)
+                targets = [(volume[i].target, m) for i, m in zip(indices, masks) if id(volume[i]) in writes]
+                results = pool.map(_try_write, [t for t, _ in targets],
+                                   [np.where(m, 255, 0).astype(np.uint8) for _, m in targets])
+                for (target, _), error in zip(targets, results):
                     if error is None:
                         written += 1
                     else:
-                        failed.append((str(part[i].target), error))
-                        log.info(f"error: {part[i].target}: {error}")
+                        failed.append((str(target), error))
+                        log.info(f"error: {target}: {error}")
     return {"written": written, "failed": failed, "notes": notes}
 
 
@@ -224,6 +239,9 @@ def run(config: Config) -> int:
       - Files named `*_mask.tif` are ground truth: never predicted on, never overwritten. When a
         target is an existing mask of the input (`--output` is `--input` on a labelled tree),
         that image is skipped and counted; an `--output` nested inside `--input` is not read.
+      - The images of one folder are one volume (a patient), in name order with numbers compared
+        as numbers: the run's standardisation, neighbouring slices and 3D post-processing work
+        on it. Slices of another size in the same folder form a volume of their own.
       - For `DIR/a/b.tif` the prediction goes to `OUTPUT/a/b_mask.tif`: uint8, 0 or 255, the
         input's own height and width, written atomically.
       - Accepted images: uint8 or uint16, HxW (grayscale, replicated to 3 channels) or HxWx3;
@@ -238,16 +256,16 @@ def run(config: Config) -> int:
       CheckpointError: no model where the flags point.
     """
     jobs, protected = plan(config.input, config.output)
-    model, _, image_size = build.trained_model(config)
-    predictor = Predictor(model, image_size=image_size, tta=config.tta)
+    segmenter = build.segmenter(config)
     if protected:
         examples = ", ".join(str(j.target) for j in protected[:3])
-        log.info(f"Skipping {len(protected)} image(s) whose {MASK_STEM_SUFFIX}.tif is ground truth in the "
-            f"input and is never overwritten (e.g. {examples}); use another --output to predict them.")
-    log.info(f"Predicting {len(jobs)} image(s) from {config.input} into {config.output} "
-        f"(model input {image_size}x{image_size}, tta {'on' if config.tta else 'off'})")
+        log.info(f"Skipping {len(protected)} image(s) whose {MASK_STEM_SUFFIX}.tif is ground truth in "
+                 f"the input and is never overwritten (e.g. {examples}); use another --output to "
+                 "predict them.")
+    log.info(f"Predicting {len(jobs)} image(s) from {config.input} into {config.output}: "
+             f"{segmenter.describe()}")
     start = time.perf_counter()
-    result = predict_files(predictor, jobs, batch_size=config.eval_batch)
+    result = predict_files(segmenter, jobs, protected, batch_size=config.eval_batch)
     seconds = time.perf_counter() - start
     if result["notes"].get("grayscale"):
         log.info(f"Note: {result['notes']['grayscale']} grayscale image(s) were replicated to 3 channels; "

@@ -23,12 +23,14 @@ SPLIT_FILE = "split.json"
 HISTORY_FILE = "history.jsonl"
 CHECKPOINTS = "checkpoints"
 FINAL_MODEL = "final_model.keras"
+INFERENCE_FILE = "inference.json"  # what evaluate, predict and export apply (inference.InferenceSpec)
 SAVED_MODEL = "saved_model"
 LOCK_FILE = ".lock"
+MEMBERS = "members"  # <run_dir>/members/<k>/: the run directories of an ensemble's fold members
 # Everything the engine writes in a run directory, by name or pattern: --overwrite removes these
 # and nothing else. Folders are emptied of their own kind of files only (see _remove_products).
-PRODUCT_FILES = (CONFIG_FILE, SPLIT_FILE, HISTORY_FILE, FINAL_MODEL, "benchmark.json",
-                 "events.out.tfevents.*", "eval_*.json", "eval_*.png", "eval_*.md",
+PRODUCT_FILES = (CONFIG_FILE, SPLIT_FILE, HISTORY_FILE, FINAL_MODEL, INFERENCE_FILE, "benchmark.json",
+                 "events.out.tfevents.*", "eval_*.json", "eval_*.png", "eval_*.md", "eval_*.html",
                  "per_patient_*.csv", atomic.TMP_PREFIX + "*")
 CHECKPOINT_PRODUCTS = ("ckpt-*", "manifest.json", ".tmp-*", ".old-*", ".del-*")
 
@@ -159,6 +161,9 @@ class RunDir:
         """Deletes the files the engine writes, by name and pattern; a foreign file is never deleted."""
         for name in sorted(os.listdir(self.path)):
             target = self.file(name)
+            if name == LOCK_FILE and self._lock_fd is None:
+                os.remove(target)  # a member's lock, released when its training ended
+                continue
             if name == LOCK_FILE:
                 continue
             if any(fnmatch.fnmatch(name, pattern) for pattern in PRODUCT_FILES) and not os.path.isdir(target):
@@ -168,6 +173,14 @@ class RunDir:
                     if any(fnmatch.fnmatch(entry, pattern) for pattern in CHECKPOINT_PRODUCTS):
                         path = os.path.join(target, entry)
                         shutil.rmtree(path) if os.path.isdir(path) else os.remove(path)
+                if not os.listdir(target):
+                    os.rmdir(target)
+            elif name == MEMBERS and os.path.isdir(target):
+                for member in os.listdir(target):  # each fold member is a run directory of its own
+                    if os.path.isfile(os.path.join(target, member, CONFIG_FILE)):
+                        RunDir(os.path.join(target, member))._remove_products()
+                        if not os.listdir(os.path.join(target, member)):
+                            os.rmdir(os.path.join(target, member))
                 if not os.listdir(target):
                     os.rmdir(target)
             elif name == SAVED_MODEL and os.path.isfile(os.path.join(target, "brainseg_export.json")):

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import tensorflow as tf
 
 from data import pipeline
@@ -15,15 +17,20 @@ class NonFiniteLossError(RuntimeError):
     """The loss went NaN or infinite outside float16's skipped steps."""
 
 
-def lr_at(step: int, *, base_lr: float, warmup_steps: int) -> float:
-    """The learning rate of a step: a linear warm-up to base_lr, then base_lr itself.
+def lr_at(step: int, *, base_lr: float, warmup_steps: int, total_steps: int = 0,
+          min_lr: float = 0.0, cosine: bool = False) -> float:
+    """The learning rate of a step: a linear warm-up to base_lr, then base_lr or a cosine decay.
 
     The plateau policy lowers base_lr; during the warm-up the ramp climbs towards the lowered
     value, so a reduction is never undone by the ramp.
     """
     if step < warmup_steps:  # Warm-up: from base_lr / warmup_steps up to base_lr.
         return base_lr * (step + 1) / warmup_steps
-    return base_lr  # After it: whatever the plateau policy has left.
+    if not cosine:  # After it: whatever the plateau policy has left.
+        return base_lr
+    # Cosine: from base_lr after the warm-up down to min_lr at the last step.
+    t = (step - warmup_steps) / max(1, total_steps - 1 - warmup_steps)
+    return min_lr + 0.5 * (base_lr - min_lr) * (1.0 + math.cos(math.pi * min(t, 1.0)))
 
 
 class Trainer:

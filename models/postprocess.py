@@ -48,6 +48,27 @@ def remove_small_components(masks, min_size: int) -> np.ndarray:
     return out
 
 
+def remove_small_volumes(volume, min_voxels: int) -> np.ndarray:
+    """Removes predicted 3D components (26-connected) with fewer than `min_voxels` voxels.
+
+    Softer than keeping the largest component: every lesion big enough stays, so a patient with
+    a false-positive blob bigger than its lesion does not lose the lesion.
+
+    Raises:
+      ValueError: volume is not 3-dimensional, or min_voxels is negative.
+    """
+    volume = _check_stack("volume", volume)
+    if min_voxels < 0:
+        raise ValueError(f"min_voxels must be >= 0, got {min_voxels}")
+    if min_voxels <= 1 or not volume.any():
+        return volume.copy()
+    labels, count = ndimage.label(volume, structure=_STRUCTURE_3D)
+    sizes = np.bincount(labels.ravel(), minlength=count + 1)
+    keep = sizes >= min_voxels
+    keep[0] = False
+    return keep[labels]
+
+
 def keep_largest_component(volume) -> np.ndarray:
     """Keeps only the largest 3D connected component of one patient's stacked slices.
 
@@ -73,13 +94,15 @@ def keep_largest_component(volume) -> np.ndarray:
     return labels == int(np.argmax(sizes))
 
 
-def postprocess_volume(volume, *, min_component_size: int = 0,
+def postprocess_volume(volume, *, min_component_size: int = 0, min_component_voxels: int = 0,
                        keep_largest: bool = False) -> np.ndarray:
-    """Applies the configured steps to one patient's volume: small 2D components, then the 3D LCC.
+    """Applies the configured steps to one patient's volume: small 2D components, small 3D
+    components, then the largest 3D component.
 
     Args:
       volume: boolean-like [D, H, W] predictions of one patient.
       min_component_size: remove 2D components smaller than this (0: off).
+      min_component_voxels: remove 3D components smaller than this (0: off).
       keep_largest: then keep only the largest 3D component.
 
     Returns:
@@ -88,7 +111,7 @@ def postprocess_volume(volume, *, min_component_size: int = 0,
     Raises:
       ValueError: volume is not 3-dimensional, or min_component_size is negative.
     """
-    out = remove_small_components(volume, min_component_size)
+    out = remove_small_volumes(remove_small_components(volume, min_component_size), min_component_voxels)
     if keep_largest:
         out = keep_largest_component(out)
     return out

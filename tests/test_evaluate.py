@@ -8,6 +8,7 @@ import json
 import math
 import os
 import re
+import shutil
 
 import keras
 import numpy as np
@@ -18,8 +19,9 @@ import tifffile
 from data.dataset import LggDataset
 from data.lgg import SliceRecord
 from engine import evaluate
+from engine import report as report_lib
 from engine.config import Config, validate
-from engine.inference import Predictor
+from engine.inference import InferenceSpec, Predictor, Segmenter
 from models import losses, postprocess
 from tests.helpers import asymmetric_model, config_flags, pointwise_model, run_engine
 
@@ -139,7 +141,8 @@ def test_score_matches_numpy_on_random_predictions():
         idx = [i for i, q in enumerate(patients) if q == row["patient"]]
         assert row["slices"] == len(idx)
         assert row["positive_slices"] == int(target[idx].any(axis=(1, 2)).sum())
-        assert row["intersection"] == int((target[idx] & pred[idx]).sum())
+        assert row["true_volume"] == int(target[idx].sum())
+        assert row["predicted_volume"] == int(pred[idx].sum())
     assert summary["positive_slices"] + summary["empty_slices"] == len(patients)
 
 
@@ -209,8 +212,9 @@ def test_evaluate_patients_matches_numpy_on_the_same_predictions(keep_largest):
     images, masks = _lesion_images(rng, len(patients), 48)
     dataset = _dataset(masks, patients, images)
     model = _pointwise_model(32)
-    summary, rows = evaluate.evaluate_patients(model, dataset, image_size=32, batch_size=4,
-                                               keep_largest_component=keep_largest)
+    segmenter = Segmenter([model], InferenceSpec(keep_largest_component=keep_largest), image_size=32,
+                          sources=["test"])
+    summary, rows = evaluate.score(dataset, evaluate.predict_patients(segmenter, dataset, batch_size=4))
     # The same predictions, made here: model size, probabilities resized back, threshold 0.5.
     pred = Predictor(model, image_size=32)(images, batch_size=5) > 0.5
     if keep_largest:
@@ -251,6 +255,8 @@ def _write_tree(root, rng) -> None:
                 image[20:40, 20:40, 1] = 220  # a bright decoy on an empty slice
             tifffile.imwrite(folder / f"{patient}_{n}.tif", image)
             tifffile.imwrite(folder / f"{patient}_{n}_mask.tif", mask)
+    rows = [f"{p.rsplit('_', 1)[0]},{1 + k % 2},{k}" for k, p in enumerate(PATIENTS)]
+    (root / "kaggle_3m" / "data.csv").write_text("Patient,RNASeqCluster,MethylationCluster\n" + "\n".join(rows) + "\n")
 
 
 def _config(tmp, **overrides) -> Config:
@@ -298,7 +304,7 @@ def test_evaluate_mode_writes_the_report(evaluated):
         png = tf.io.decode_png(open(os.path.join(config.run_dir, report["figures"][which]["png"]), "rb").read())
         shown = len(report["figures"][which]["slices_shown"])
         assert shown >= 1 and png.shape[2] == 3
-        assert png.shape[1] == min(shown, 4) * 256 + (min(shown, 4) - 1) * evaluate.GRID_GAP
+        assert png.shape[1] == min(shown, 4) * 256 + (min(shown, 4) - 1) * report_lib.GRID_GAP
     # The printed table carries the figures.
     assert "Per-patient (volume) Dice, mean" in proc.stdout and PATIENTS[2] in proc.stdout
     assert f"{report['dice']:.4f}" in proc.stdout
@@ -309,7 +315,8 @@ def test_evaluate_mode_agrees_with_the_python_api(evaluated):
     assert proc.returncode == 0, proc.stderr
     from engine import build
     dataset = build.load_dataset(config).subset(split["test"])
-    summary, _ = evaluate.evaluate_patients(_pointwise_model(64), dataset, image_size=64, batch_size=4)
+    segmenter = Segmenter([_pointwise_model(64)], InferenceSpec(), image_size=64, sources=["test"])
+    summary, _ = evaluate.score(dataset, evaluate.predict_patients(segmenter, dataset, batch_size=4))
     with open(os.path.join(config.run_dir, "eval_test.json")) as f:
         report = json.load(f)
     for key in ("dice", "iou", "positive_slice_dice_mean", "patient_dice_mean", "empty_slice_fp_rate"):
@@ -351,3 +358,43 @@ def test_evaluate_scores_what_predict_writes(evaluated, tmp_path):
         masks = [out / patient / f"{patient}_{n}_mask.tif" for n in numbers]
         assert evaluated_dice[patient] == pytest.approx(_volume_dice_from_files(truth, masks), abs=1e-6)
     assert len(set(round(d, 3) for d in evaluated_dice.values())) == 3  # three different patients
+
+
+def test_split_all_scores_any_labelled_folder_and_writes_a_report(evaluated, tmp_path):
+    config, split, _ = evaluated
+    # Another folder, and a run directory holding only a model: no split.json is needed.
+    _write_tree(tmp_path / "other", np.random.default_rng(5))
+    run_dir = tmp_path / "model_only"
+    run_dir.mkdir()
+    shutil.copy(os.path.join(config.run_dir, "final_model.keras"), run_dir / "final_model.keras")
+    other = dataclasses.replace(config, split="all", data_dir=str(tmp_path / "other"), model_dir=str(run_dir))
+    proc = run_engine(config_flags(other), timeout=180)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert "among the run's training" not in proc.stdout
+    report = json.loads((run_dir / "eval_all.json").read_text())
+    assert report["patients"] == len(PATIENTS) and report["data_dir"] == str(tmp_path / "other")
+    assert report["model"] == [str(run_dir / "final_model.keras")]
+    with open(run_dir / "per_patient_all.csv") as f:
+        rows = list(csv.DictReader(f))
+    assert [r["patient"] for r in rows] == list(PATIENTS)
+    assert {"patient", "dice", "hd95", "assd", "surface_dice", "lesion_f1"} <= set(rows[0])
+    assert np.mean([float(r["dice"]) for r in rows]) == pytest.approx(report["metrics"]["dice"]["mean"], abs=1e-6)
+    # The report holds the JSON's numbers, and the figures it shows exist.
+    md = (run_dir / "eval_all.md").read_text()
+    dice = report["metrics"]["dice"]
+    assert f"| Dice | {dice['mean']:.4f} | [{dice['ci_low']:.4f}, {dice['ci_high']:.4f}] | {dice['median']:.4f} |" in md
+    for inst, m in report["groups"]["institution"].items():
+        assert f"| {inst} | {m['dice']['n']} | {m['dice']['mean']:.4f}" in md
+    assert "RNASeqCluster" in report["groups"]  # the test tree's data.csv has the cluster columns
+    for png in (report["plot"], report["figures"]["best"]["png"], report["figures"]["worst"]["png"]):
+        assert f"]({png})" in md and (run_dir / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert "python -m engine.main" in md and "--split=all" in md
+
+
+def test_split_all_on_the_runs_own_data_names_the_patients_it_trained_on(evaluated):
+    config, split, _ = evaluated
+    proc = run_engine(config_flags(dataclasses.replace(config, split="all")), timeout=180)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    warning = next(line for line in proc.stdout.splitlines() if "among the run's training" in line)
+    assert all(p in warning for p in split["train"] + split["val"])
+    assert not any(p in warning for p in split["test"])

@@ -13,7 +13,7 @@ import pytest
 
 from engine import export
 from engine.config import Config
-from engine.inference import Predictor
+from engine.inference import InferenceSpec, Predictor, Segmenter
 from engine.rundir import RunDirError
 from models import unet
 from tests.helpers import config_flags, model_only_config, run_engine
@@ -47,6 +47,10 @@ def _model() -> keras.Model:
             layer.set_weights([gamma, beta, rng.normal(0, 0.1, mean.shape).astype(np.float32),
                                rng.uniform(0.5, 2.0, var.shape).astype(np.float32)])
     return model
+
+
+def _segmenter(models, **spec) -> Segmenter:
+    return Segmenter(models, InferenceSpec(**spec), image_size=SIZE, sources=["test"])
 
 
 def _config(tmp, **overrides) -> Config:
@@ -102,10 +106,26 @@ def test_saved_model_in_a_fresh_process_matches_the_engine(trained_run):
 
 def test_tta_is_baked_into_the_export(trained_run, tmp_path):
     _, _, model = trained_run
-    path = export.export_saved_model(model, str(tmp_path / "tta"), image_size=SIZE, tta=True)
-    with_tta = Predictor(model, image_size=SIZE, tta=True)
-    assert export.check_export(path, with_tta) < 1e-5
-    assert export.check_export(path, Predictor(model, image_size=SIZE)) > 1e-4
+    path = export.export_saved_model(_segmenter([model], tta=True), str(tmp_path / "tta"))
+    assert export.check_export(path, _segmenter([model], tta=True)) < 1e-5
+    assert export.check_export(path, _segmenter([model])) > 1e-4
+
+
+def test_an_ensemble_with_standardised_2_5d_inputs_exports_as_one_graph(tmp_path):
+    # Two members, each reading 5 channels (the slice and its neighbours' FLAIR), standardised
+    # per volume: the graph must do what the engine does to the same volume.
+    members = []
+    for seed in (1, 2):
+        keras.utils.set_random_seed(seed)
+        members.append(unet.build_unet(image_size=SIZE, base_filters=4, depth=2, in_channels=5))
+    segmenter = _segmenter(members, normalize="volume", neighbours=1)
+    path = export.export_saved_model(segmenter, str(tmp_path / "ensemble"))
+    assert export.check_export(path, segmenter) < 1e-5
+    # Each part counts: one member alone, or the raw slices, give other probabilities.
+    assert export.check_export(path, _segmenter(members[:1], normalize="volume", neighbours=1)) > 1e-4
+    with open(os.path.join(path, export.METADATA_FILE)) as f:
+        meta = json.load(f)
+    assert meta["members"] == 2 and "one volume" in meta["input"]["images"]
 
 
 def test_export_replaces_a_saved_model_but_never_another_folder(trained_run, tmp_path):
@@ -114,10 +134,10 @@ def test_export_replaces_a_saved_model_but_never_another_folder(trained_run, tmp
     target.mkdir()
     (target / "notes.txt").write_text("mine")
     with pytest.raises(RunDirError, match="not a SavedModel"):
-        export.export_saved_model(model, str(target), image_size=SIZE)
+        export.export_saved_model(_segmenter([model]), str(target))
     assert (target / "notes.txt").read_text() == "mine"
     path = tmp_path / "again"
     for _ in range(2):
-        export.export_saved_model(model, str(path), image_size=SIZE)
+        export.export_saved_model(_segmenter([model]), str(path))
     assert (path / "saved_model.pb").exists()
     assert sorted(p.name for p in tmp_path.iterdir()) == ["again", "busy"]  # no temporaries left

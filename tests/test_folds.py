@@ -1,8 +1,10 @@
 """Tests for engine.folds: combining per-patient CSVs of k-fold runs, and its one-line errors."""
 
+import json
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 
 from engine import folds
@@ -68,3 +70,30 @@ def test_a_patient_in_two_runs_is_refused(tmp_path):
 def test_columns_read_are_the_ones_evaluate_writes():
     from engine.evaluate import CSV_FIELDS
     assert folds.PATIENT in CSV_FIELDS and folds.DICE in CSV_FIELDS
+
+
+def test_intervals_institutions_and_repeated_cuts(tmp_path):
+    def fold(name, seed, scores):
+        run = tmp_path / name
+        _write_csv(run, scores)
+        (run / "split.json").write_text(json.dumps({"seed": seed, "num_folds": 2, "train": [], "val": [],
+                                                    "test": sorted(scores)}))
+        return str(run)
+
+    a = {"TCGA_CS_0001_1": 0.9, "TCGA_CS_0002_1": 0.5}
+    b = {"TCGA_DU_0003_1": 0.7, "TCGA_DU_0004_1": 0.3}
+    runs = [fold("s1f0", 1, a), fold("s1f1", 1, b),  # one cut of the four patients ...
+            fold("s2f0", 2, {**{k: v - 0.1 for k, v in a.items()}, "TCGA_DU_0003_1": 0.5}),
+            fold("s2f1", 2, {"TCGA_DU_0004_1": 0.1})]  # ... and a second cut, another seed
+    summary = folds.summarize(folds.read_runs(runs))
+    # Each patient averaged over the two cuts, then over patients.
+    assert summary["patients"] == 4
+    assert summary["mean"] == pytest.approx(np.mean([0.85, 0.45, 0.6, 0.2]))
+    assert summary["ci_low"] < summary["mean"] < summary["ci_high"]
+    assert summary["institutions"]["CS"]["mean"] == pytest.approx(0.65)
+    assert summary["institutions"]["DU"]["mean"] == pytest.approx(0.4)
+    assert sorted(summary["cuts"]) == ["seed 1, 2 folds", "seed 2, 2 folds"]
+    text = folds.format_table(summary, "test")
+    assert "95% CI" in text and "CS     2 patients  mean 0.6500" in text
+    with pytest.raises(folds.FoldsError, match="not disjoint"):
+        folds.read_runs([runs[0], fold("s1again", 1, {"TCGA_CS_0001_1": 0.2})])

@@ -19,6 +19,8 @@ import tifffile
 from data import decode as decode_lib
 from data import lgg
 from engine import export
+from engine.checkpoint import CheckpointManager, verify
+from engine.inference import InferenceSpec, Segmenter
 from tests.helpers import (REPO, config_flags, pointwise_model, read_history, run_engine,
                            synthetic_dir, tiny_config)
 
@@ -128,12 +130,17 @@ def test_an_interrupted_run_exits_143_and_removes_the_final_model_it_goes_past(t
     _wait_for_line(proc, "Training from step")
     proc.send_signal(signal.SIGTERM)
     out, _ = proc.communicate(timeout=120)
-    assert proc.returncode == 143, out
+    assert proc.returncode == 143, out  # 128 + SIGTERM: interrupted, resumable
     assert "interrupted by SIGTERM" in out and "run the same command to resume" in out
+    saved = int(out.split("SIGTERM received: saved a checkpoint at step ")[1].split()[0])
+    latest = CheckpointManager(directory=str(run_dir / "checkpoints")).latest()
+    assert latest.step == saved
+    verify(latest)
     assert not (run_dir / "final_model.keras").exists()
     evaluated = run_engine([*args, "--mode=evaluate"])
     assert evaluated.returncode == 1 and "final_model.keras does not exist" in evaluated.stderr
-    run_engine(args, check=True)
+    resumed = run_engine(args, check=True)
+    assert f"Training from step {saved} " in resumed.stdout
     assert (run_dir / "final_model.keras").exists()
     assert [h["epoch"] for h in read_history(run_dir)] == [1, 2]
 
@@ -265,7 +272,8 @@ def test_a_killed_export_leaves_nothing_the_next_export_does_not_clean(tmp_path)
     (parent / f".tmp-export-{dead.pid}-abc" / "saved_model.pb").write_bytes(b"half")
     live = parent / f".tmp-export-{os.getpid()}-xyz"  # an export running now is left alone
     live.mkdir()
-    export.export_saved_model(model, str(parent / "saved_model"), image_size=64)
+    segmenter = Segmenter([model], InferenceSpec(), image_size=64, sources=["test"])
+    export.export_saved_model(segmenter, str(parent / "saved_model"))
     assert sorted(p.name for p in parent.iterdir()) == [live.name, "saved_model"]
 
 

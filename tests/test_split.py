@@ -58,9 +58,22 @@ def test_impossible_splits_raise_clear_errors():
     with pytest.raises(DataError, match="need at least 3 patients"):
         split_lib.make_split(_dataset(2))
     with pytest.raises(ValueError, match="val_fraction must be in"):
-        split_lib.make_split(_dataset(10), val_fraction=0.0)
+        split_lib.make_split(_dataset(10), val_fraction=-0.1)
     with pytest.raises(ValueError, match="val_fraction \\+ test_fraction must be < 1"):
         split_lib.make_split(_dataset(10), val_fraction=0.5, test_fraction=0.5)
+
+
+def test_a_zero_fraction_leaves_that_part_empty_and_every_other_patient_training():
+    ds = _dataset(20)
+    split = split_lib.make_split(ds, val_fraction=0.0, test_fraction=0.0, seed=1)
+    assert split["val"] == split["test"] == [] and split["train"] == ds.patients
+    folds = [split_lib.make_split(ds, val_fraction=0.0, seed=1, num_folds=4, fold=f) for f in range(4)]
+    for split in folds:
+        assert split["val"] == [] and sorted(split["train"] + split["test"]) == ds.patients
+    assert sorted(p for s in folds for p in s["test"]) == ds.patients
+    # With only one patient with lesions, a training part alone can still be made.
+    assert split_lib.make_split(_dataset(10, with_lesions=[3]), val_fraction=0.0,
+                                test_fraction=0.0)["train"]
 
 
 def test_split_json_is_written_then_reused(tmp_path):
