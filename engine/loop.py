@@ -1,4 +1,4 @@
-"""`--mode=train`: wires the data, the model, the checkpoints and the actions into one controller."""
+"""Trains one model: wires the data, the model, the checkpoints and the actions into one controller."""
 
 from __future__ import annotations
 

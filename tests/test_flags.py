@@ -3,10 +3,14 @@
 from __future__ import annotations
 
 import dataclasses
+import sys
+from pathlib import Path
 
 import pytest
+from absl import flags
 
 from engine.config import Config, ConfigError, validate
+from engine.flags import config_from_flags, define_flags
 from tests.helpers import run_engine
 
 
@@ -96,3 +100,17 @@ def test_a_run_written_before_the_fold_fields_existed_still_resumes(tmp_path):
     rundir.RunDir(config.run_dir).open(config).close()
     with pytest.raises(rundir.RunDirError, match="--fold"):
         rundir.RunDir(config.run_dir).open(dataclasses.replace(config, num_folds=5, fold=1))
+
+
+@pytest.mark.parametrize("flagfile", sorted(p.name for p in (Path(__file__).parents[1] / "flags").glob("*.cfg")))
+def test_every_shipped_flagfile_is_a_valid_config_that_states_its_cost(flagfile):
+    path = Path(__file__).parents[1] / "flags" / flagfile
+    values = flags.FlagValues()
+    define_flags(values)
+    values([sys.argv[0], f"--flagfile={path}"])
+    config = config_from_flags(values)  # Raises ConfigError naming the flag on a bad value.
+    header = path.read_text().split("\n--", 1)[0]
+    assert header.startswith("# python -m engine.main --flagfile=flags/" + flagfile), header[:80]
+    assert "Expected runtime" in header and "Expected result" in header
+    if config.lr_schedule == "cosine":
+        assert not config.restore_best_weights  # The last weights: cosine ends at --min_lr.
