@@ -15,6 +15,10 @@ class ClusterError(Exception):
     """The workers disagree on something they must share (flags, data, checkpoint)."""
 
 
+class ClusterUnavailable(Exception):
+    """Not every worker came up, or one was lost: the run cannot go on until all are running."""
+
+
 class Cluster:
     """Broadcasts the chief's values and agrees on flags, one scalar collective each.
 
@@ -52,7 +56,7 @@ class Cluster:
         """Runs `fn` on every worker and returns its result; if it fails on any, fails on all.
 
         Without this, a worker whose data is missing would leave the others waiting in their
-        next collective until --collective_timeout.
+        next collective, for ever: a worker that is alive keeps the heartbeats going.
 
         Raises:
           The worker's own exception where it failed; ClusterError on the others.

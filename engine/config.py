@@ -168,9 +168,10 @@ class Config:
     threads: int = _field(0, "Intra-op threads (0: TensorFlow's default).", _at_least(0, 1024))
     cpu_devices: int = _field(0, "Split the CPU into this many logical devices (to exercise "
                               "--strategy=mirrored without GPUs).", _at_least(0, 64))
-    collective_timeout: int = _field(600, "Multi-worker: seconds to wait for every worker to come up, "
-                                     "and for any one collective, before failing with a message "
-                                     "(a worker that is down).", _at_least(1, 86400))
+    collective_timeout: int = _field(600, "Multi-worker: seconds to wait for every worker of TF_CONFIG "
+                                     "to come up before failing with a message (a worker that is "
+                                     "lost later is noticed by heartbeats within 10 s).",
+                                     _at_least(1, 86400))
     deterministic: bool = _field(False, "Turn on TensorFlow op determinism (bitwise-reproducible runs, "
                                  "slower).")
     # Run directory, logging, evaluation.

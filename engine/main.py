@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import os
+import re
 import sys
 
 # Quiet TensorFlow's C++ start-up chatter; must be set before TensorFlow is imported.
@@ -51,6 +52,12 @@ def parse_flags(argv: list[str]) -> list[str]:
         fail(str(e), 2)
 
 
+def _lost_peer(message: str) -> str:
+    """The task TensorFlow's error names as gone (its heartbeat ended, or it refused a call)."""
+    found = re.search(r"/job:(chief|worker)/replica:\d+/task:(\d+)", message)
+    return f"TF_CONFIG's {found.group(1)} task {found.group(2)}" if found else "a worker"
+
+
 def run(config) -> int:
     """Resolves the device policy once, then dispatches on --mode; returns the exit code."""
     # Imported here so that --help and flag errors answer without loading TensorFlow.
@@ -59,11 +66,14 @@ def run(config) -> int:
     from data.lgg import DataError
     from engine import runtime as runtime_lib
     from engine.checkpoint import CheckpointError
-    from engine.cluster import ClusterError
+    from engine.cluster import ClusterError, ClusterUnavailable
     from engine.rundir import RunDirError
     from engine.trainer import NonFiniteLossError
 
-    rt = runtime_lib.resolve(config)
+    try:
+        rt = runtime_lib.resolve(config)
+    except ClusterUnavailable as e:
+        fail(str(e), 1)
     logging.getLogger("engine").info(f"brainseg {config.mode}: {rt.describe()}")
     if not rt.is_chief:  # the chief speaks for the cluster; a worker only reports its errors
         for name in ("engine", "data", "models"):
@@ -95,10 +105,9 @@ def run(config) -> int:
             tf.errors.CancelledError) as e:
         if rt.num_workers == 1:
             raise
-        fail(f"worker {rt.worker_index} lost the cluster ({type(e).__name__}: "
-             f"{e.message.strip().splitlines()[0][:200]}); a worker stopped or cannot be reached. "
-             "Start every worker again with the same command: the run resumes from its last "
-             "checkpoint", 1)
+        fail(f"worker {rt.worker_index} lost the cluster: {_lost_peer(e.message)} stopped or cannot "
+             f"be reached ({type(e).__name__}). Start every worker again with the same command: "
+             "the run resumes from its last checkpoint", 1)
     except (CheckpointError, NonFiniteLossError) as e:
         fail(str(e), 1)
     except OSError as e:  # A full or read-only disk outside the checkpoint manager.

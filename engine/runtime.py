@@ -5,11 +5,15 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
-import subprocess
-import sys
 
 import keras
 import tensorflow as tf
+
+from engine.cluster import ClusterUnavailable
+
+
+# How long a worker may go silent before the coordination service fails the cluster.
+HEARTBEAT_SECONDS = 10
 
 
 @dataclasses.dataclass(frozen=True)
@@ -63,33 +67,40 @@ def resolve_jit(requested: str, has_gpu: bool) -> bool:
     return requested == "true"
 
 
-# Runs beside a worker whose strategy is starting: the start-up waits in C++ for every worker of
-# TF_CONFIG, holding the GIL, so neither a thread nor a signal handler of the worker can end it.
-_WATCHDOG = """
-import os, signal, sys, time
-parent, seconds, message = int(sys.argv[1]), float(sys.argv[2]), sys.argv[3]
-time.sleep(seconds)
-if os.getppid() == parent:  # still waiting: say why, then end it (137 = 128 + SIGKILL)
-    print(message, file=sys.stderr, flush=True)
-    os.kill(parent, signal.SIGKILL)
-"""
-
-
 def _multi_worker(timeout: int) -> tf.distribute.MultiWorkerMirroredStrategy:
-    """MultiWorkerMirroredStrategy whose collectives fail after `timeout` seconds, in a process
-    that ends with a message if the cluster does not come up within `timeout` seconds."""
-    workers = json.loads(os.environ.get("TF_CONFIG", "{}")).get("cluster", {})
-    message = (f"error: the cluster did not come up within --collective_timeout={timeout}s: not "
-               f"every worker of TF_CONFIG ({workers}) is running and reachable; start them all with "
-               "the same command")
-    watchdog = subprocess.Popen([sys.executable, "-c", _WATCHDOG, str(os.getpid()), str(timeout), message],
-                                stdin=subprocess.DEVNULL)
+    """MultiWorkerMirroredStrategy whose failures TensorFlow's coordination service detects.
+
+    The service's heartbeats notice a worker that died or hangs within HEARTBEAT_SECONDS, and
+    abort every collective of the others; a cluster whose workers do not all register within
+    `timeout` seconds fails its start-up. The collectives themselves carry no timeout: each one
+    launched with `CommunicationOptions(timeout_seconds=T)` holds a thread for T seconds, so a
+    worker running hundreds of collectives a second ran out of threads within a minute.
+
+    Raises:
+      ClusterUnavailable: not every worker of TF_CONFIG registered within `timeout` seconds.
+    """
+    from tensorflow.compiler.xla.tsl.protobuf import coordination_config_pb2
+    from tensorflow.python.distribute import multi_worker_util
+    from tensorflow.python.eager import context
+
+    resolver = tf.distribute.cluster_resolver.TFConfigClusterResolver()
+    spec = resolver.cluster_spec()
+    jobs = [coordination_config_pb2.CoordinatedJob(name=job, num_tasks=spec.num_tasks(job))
+            for job in ("chief", "worker") if job in spec.jobs]
+    context.context().configure_coordination_service(
+        service_type="standalone", service_leader=multi_worker_util.coordination_leader(spec),
+        coordinated_jobs=jobs, cluster_register_timeout_in_ms=timeout * 1000,
+        heartbeat_timeout_in_ms=HEARTBEAT_SECONDS * 1000)
+    # Every task, the service's leader included, waits for the others at one barrier with that
+    # timeout; without it the leader would wait for a missing worker forever.
+    context.context().coordination_service.cluster_register_with_barrier = True
     try:
-        options = tf.distribute.experimental.CommunicationOptions(timeout_seconds=timeout)
-        return tf.distribute.MultiWorkerMirroredStrategy(communication_options=options)
-    finally:
-        watchdog.kill()
-        watchdog.wait()
+        return tf.distribute.MultiWorkerMirroredStrategy(cluster_resolver=resolver)
+    except (tf.errors.DeadlineExceededError, tf.errors.UnavailableError) as e:
+        raise ClusterUnavailable(
+            f"the cluster did not come up within --collective_timeout={timeout}s: not every "
+            f"worker of TF_CONFIG ({spec.as_dict()}) is running and reachable; start them all "
+            f"with the same command ({type(e).__name__})") from None
 
 
 def _make_strategy(name: str, gpus: int, cpu_devices: int, timeout: int) -> tf.distribute.Strategy:

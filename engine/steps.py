@@ -87,8 +87,7 @@ class Steps:
         self.traces["train"] += 1
         totals = {k: tf.constant(0.0) for k in ("loss", "skipped", "nonfinite") + COUNT_KEYS}
         for _ in tf.range(num_steps):
-            out = self.strategy.run(self._replica_train, args=(next(iterator),))
-            out = {k: self.strategy.reduce("SUM", v, axis=None) for k, v in out.items()}
+            out = self._sum_replicas(self.strategy.run(self._replica_train, args=(next(iterator),)))
             finite = tf.math.is_finite(out["loss"])
             skipped = out["skipped"] > 0.5
             totals = {
@@ -121,8 +120,16 @@ class Steps:
     def _eval_one(self, batch):
         """One eval batch (already distributed); returns sums to stream over the epoch."""
         self.traces["eval"] += 1
-        out = self.strategy.run(self._replica_eval, args=(batch,))
-        return {k: self.strategy.reduce("SUM", v, axis=None) for k, v in out.items()}
+        return self._sum_replicas(self.strategy.run(self._replica_eval, args=(batch,)))
+
+    def _sum_replicas(self, per_replica: dict) -> dict:
+        """Sums scalar outputs over replicas in one collective (one per key would cost a
+        collective each, which every worker of a cluster waits for)."""
+        keys = sorted(per_replica)
+        stacked = self.strategy.run(lambda *v: tf.stack([tf.cast(x, tf.float32) for x in v]),
+                                    args=tuple(per_replica[k] for k in keys))
+        total = self.strategy.reduce("SUM", stacked, axis=None)
+        return {k: total[i] for i, k in enumerate(keys)}
 
 
 def summarize_train(totals: dict, num_steps: int) -> dict[str, float]:
