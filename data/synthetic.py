@@ -504,6 +504,30 @@ def write_dataset(
     return str(root)
 
 
+def write_into_empty(data_dir: str, *, patients: int, seed: int) -> str:
+    """write_dataset for --synthetic_patients, into a missing or empty folder only: a folder with
+    anything in it may be the user's data in a layout the loader missed.
+
+    Raises:
+      DataError: the folder is not empty, or cannot be written.
+    """
+    from data.lgg import DataError
+
+    if os.path.isdir(data_dir) and os.listdir(data_dir):
+        raise DataError(
+            f"--synthetic_patients: {data_dir} holds no patient folders brainseg can read, but is "
+            f"not empty ({', '.join(sorted(os.listdir(data_dir))[:3])}, ...); synthetic data is only "
+            "written into a missing or empty folder. Point --data_dir at the kaggle_3m folder, or "
+            "at a new folder for the synthetic set")
+    log.info(f"No patients under {data_dir}: writing {patients} synthetic patients there "
+             f"(--synthetic_patients).")
+    try:
+        return write_dataset(data_dir, patients=patients, seed=seed)
+    except OSError as e:
+        raise DataError(f"--synthetic_patients: cannot write the synthetic dataset into {data_dir} "
+                        f"({e.strerror or e}); point --data_dir at an empty or new folder") from None
+
+
 if __name__ == "__main__":
     from absl import app, flags
 

@@ -66,6 +66,25 @@ def atomic_write(path: str, content: bytes | str | Callable[[str], None], *, suf
     return path
 
 
+def read_json_object(path: str, error: type[Exception], advice: str, *, object_only: bool = True):
+    """The JSON object in `path`, or None if there is no such file.
+
+    Raises:
+      error: the file is unreadable, not JSON, or (object_only) not an object; the message
+        names the path and ends with `advice` (what the user can do).
+    """
+    if not os.path.exists(path):
+        return None
+    try:
+        with open(path, encoding="utf-8") as f:
+            payload = json.load(f)
+    except (OSError, ValueError) as e:
+        raise error(f"{path} is unreadable ({type(e).__name__}: {e}); {advice}") from None
+    if object_only and not isinstance(payload, dict):
+        raise error(f"{path} does not hold a JSON object; {advice}")
+    return payload
+
+
 def atomic_write_json(path: str, payload) -> str:
     """atomic_write of a JSON document (sorted keys, indented)."""
     return atomic_write(path, json.dumps(payload, indent=2, sort_keys=True) + "\n")

@@ -13,7 +13,8 @@ import keras
 import numpy as np
 import tensorflow as tf
 
-from engine import build, roofline
+from engine import inputs, roofline
+from engine import state as state_lib
 from engine import steps as steps_lib
 from engine.config import Config
 from engine.rundir import RunDir
@@ -185,7 +186,7 @@ def pipeline_datasets(config: Config, runtime: Runtime, eval_batch: int) -> tupl
     """
     from data import pipeline
 
-    data = build.load_dataset(config)
+    data = inputs.load_dataset(config)
     if pipeline.train_batches_per_epoch(len(data.records), runtime.global_batch) == 0:
         from data.lgg import DataError
         raise DataError(f"{config.data_dir} has {len(data.records)} slices, fewer than one global "
@@ -277,7 +278,7 @@ class FitBaseline:
 
         self.per_call = config.steps_per_execution
         with runtime.strategy.scope():
-            self.model = build.build_model(config, runtime)
+            self.model = state_lib.build_model(config, runtime)
             self.model.set_weights(source.get_weights())
             # Stock Keras Adam, as a fit() user writes it; compile() wraps it in a
             # LossScaleOptimizer under mixed_float16, as the engine does.
@@ -316,7 +317,7 @@ def _reset_device_memory(runtime: Runtime) -> None:
         tf.config.experimental.reset_memory_stats(f"GPU:{i}")
 
 
-def time_training(config: Config, runtime: Runtime, state: build.TrainState, steps: steps_lib.Steps,
+def time_training(config: Config, runtime: Runtime, state: state_lib.TrainState, steps: steps_lib.Steps,
                   make_train_ds) -> tuple[Timing, Timing | None, object]:
     """Times the engine's train step and, with --benchmark_compare_fit, Keras fit on the same data.
 
@@ -387,8 +388,8 @@ def run(config: Config, runtime: Runtime) -> dict:
     peak = measure_peak(runtime, keras.mixed_precision.global_policy().compute_dtype)
     log.info(f"Peak: {f'{peak.tflops:.3f} TFLOP/s' if peak.tflops else 'unknown'} ({peak.source})")
 
-    state = build.build_train_state(config, runtime)
-    steps = build.make_steps(config, runtime, state)
+    state = state_lib.TrainState.build(config, runtime)
+    steps = state.steps(config, runtime)
     _reset_device_memory(runtime)
     train, fit, iterator = time_training(config, runtime, state, steps, make_train_ds)
     evaluation = time_evaluation(config, runtime, steps, eval_ds, eval_batch)

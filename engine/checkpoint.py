@@ -15,7 +15,7 @@ import shutil
 import tensorflow as tf
 
 from engine.atomic import fsync_dir as _fsync_dir
-from engine.policies import BestMetric
+from engine.monitor import BestMetric
 
 log = logging.getLogger(__name__)
 
@@ -110,7 +110,7 @@ class CheckpointManager:
     # -- Writing -----------------------------------------------------------------
 
     def remove_temporaries(self) -> list[str]:
-        """Cleans up after a crash: call once at start, before `restore_latest`.
+        """Cleans up after a crash: call once at start, before restoring.
 
         Removes partial saves and half-done deletions, and puts back a checkpoint
         that a crashed same-step replacement had moved aside.
@@ -245,19 +245,6 @@ class CheckpointManager:
                 + "\n  ".join(problems)
                 + "\nMove them away (or pass --overwrite) to start afresh.")
         return None
-
-    def restore_latest(self, checkpoint: tf.train.Checkpoint) -> CheckpointInfo | None:
-        """Restores the newest checkpoint that verifies (see newest_verified).
-
-        Returns:
-          The restored checkpoint, or None when the directory holds none.
-
-        Raises:
-          CheckpointError: there are checkpoints but none verifies, or the one
-            that verifies does not fit `checkpoint` (another model shape).
-        """
-        info = self.newest_verified()
-        return None if info is None else restore(checkpoint, info)
 
     # -- Internals ---------------------------------------------------------------
 

@@ -68,11 +68,21 @@ def _utf8(v) -> str | None:
     return None
 
 
-def _field(default, help_text: str, check: Check | None = None, *, identity: bool = False):
-    """A Config field: its default, its --help text, its range check, and whether it is part of the
-    run's identity (a change makes an existing run directory a different run)."""
-    return dataclasses.field(default=default, metadata={"help": help_text, "check": check,
-                                                        "identity": identity})
+def _field(default, help_text: str, check: Check | None = None, *, identity: bool = False,
+           hparam: bool = False, local: bool = False):
+    """A Config field and what the engine knows of it.
+
+    Args:
+      default, help_text, check: its default, its --help text and its range check.
+      identity: part of the run's identity: a change makes an existing run directory a
+        different run. Every identity field is also an hparam.
+      hparam: shown in TensorBoard's HParams tab.
+      local: may differ between the workers of one cluster (where things are on each machine,
+        what each one shows); every other field must be the chief's.
+    """
+    return dataclasses.field(default=default, metadata={
+        "help": help_text, "check": check, "identity": identity, "hparam": identity or hparam,
+        "local": local})
 
 
 POSITIVE, NON_NEGATIVE = _at_least(1), _at_least(0)
@@ -87,11 +97,11 @@ class Config:
                        "export (SavedModel), benchmark.", _one_of(MODES))
     # Data.
     data_dir: str = _field("source_data", "Folder holding kaggle_3m (or lgg-mri-segmentation/kaggle_3m, "
-                           "or patient folders).", identity=True)
+                           "or patient folders).", identity=True, local=True)
     cache_dir: str = _field("", "Decoded-array cache folder ('' = $XDG_CACHE_HOME/brainseg or "
-                            "~/.cache/brainseg).")
+                            "~/.cache/brainseg).", local=True)
     decode_cache: bool = _field(True, "Keep decoded slices in a checked cache file in --cache_dir "
-                                "(--nodecode_cache: decode every file each time, write nothing).")
+                                "(--nodecode_cache: decode every file each time, write nothing).", local=True)
     skip_bad_slices: bool = _field(False, "Log and skip bad slices instead of stopping before training.")
     synthetic_patients: int = _field(0, "If --data_dir has no patients, first write this many synthetic "
                                      "ones there (0: never).", _at_least(0, 10000))
@@ -114,7 +124,7 @@ class Config:
     depth: int = _field(4, "Number of 2x2 poolings in the U-Net encoder.", _at_least(1, 8),
                         identity=True)
     dropout: float = _field(0.0, "Dropout rate after the U-Net bottleneck block (0 disables).",
-                            _below_one)
+                            _below_one, hparam=True)
     batch_norm: bool = _field(True, "BatchNorm in each U-Net block.", identity=True)
     normalize: str = _field("none", "Intensity standardisation of each volume: none, or volume (each "
                             "patient's channels scaled so their 99th percentile is the same).",
@@ -126,23 +136,23 @@ class Config:
                            "out choose the post-processing (0 or 1: one model).", _at_least(0, 20),
                            identity=True)
     # Optimisation.
-    epochs: int = _field(150, "Epochs to train.", _at_least(1, 100000))
+    epochs: int = _field(150, "Epochs to train.", _at_least(1, 100000), hparam=True)
     batch_size: int = _field(16, "Batch size per replica; the global batch is this times the replicas.",
-                             _at_least(1, 4096))
+                             _at_least(1, 4096), hparam=True)
     learning_rate: float = _field(1e-4, "Adam learning rate.", lambda v: None if 0 < v <= 10 else
-                                  f"must be in (0, 10], got {v}")
+                                  f"must be in (0, 10], got {v}", hparam=True)
     warmup_epochs: float = _field(0.0, "Linear learning-rate warm-up over this many epochs (0 disables).",
-                                  NON_NEGATIVE_FLOAT)
+                                  NON_NEGATIVE_FLOAT, hparam=True)
     lr_schedule: str = _field("plateau", "After the warm-up: plateau (--learning_rate, lowered by the "
                               "plateau policy) or cosine (down to --min_lr at the last step; the "
-                              "plateau policy is off).", _one_of(LR_SCHEDULES))
+                              "plateau policy is off).", _one_of(LR_SCHEDULES), hparam=True)
     steps_per_execution: int = _field(1, "Training steps run inside one tf.function call (cuts host "
                                       "overhead).", _at_least(1, 100000))
-    dice_smooth: float = _field(1.0, "Smoothing term of the soft Dice loss.", NON_NEGATIVE_FLOAT)
-    bce_weight: float = _field(1.0, "Weight of binary cross-entropy in the loss.", NON_NEGATIVE_FLOAT)
-    dice_weight: float = _field(1.0, "Weight of (1 - soft Dice) in the loss.", NON_NEGATIVE_FLOAT)
+    dice_smooth: float = _field(1.0, "Smoothing term of the soft Dice loss.", NON_NEGATIVE_FLOAT, hparam=True)
+    bce_weight: float = _field(1.0, "Weight of binary cross-entropy in the loss.", NON_NEGATIVE_FLOAT, hparam=True)
+    dice_weight: float = _field(1.0, "Weight of (1 - soft Dice) in the loss.", NON_NEGATIVE_FLOAT, hparam=True)
     # Augmentation and sampling.
-    augment: bool = _field(True, "Geometric (and optional intensity) augmentation of training batches.")
+    augment: bool = _field(True, "Geometric (and optional intensity) augmentation of training batches.", hparam=True)
     rotation_deg: float = _field(0.2, "Maximum rotation in degrees.", _at_least(0.0, 180.0))
     shift: float = _field(0.05, "Maximum width/height shift as a fraction of the size.",
                           _at_least(0.0, 1.0))
@@ -155,17 +165,17 @@ class Config:
     gamma: float = _field(0.0, "Maximum relative gamma change (0 disables).", _at_least(0.0, 2.0))
     missing_sequence: float = _field(0.0, "Probability that pre- and (independently) post-contrast are "
                                      "replaced by FLAIR, as for a patient missing them.",
-                                     _at_least(0.0, 1.0))
+                                     _at_least(0.0, 1.0), hparam=True)
     positive_fraction: float = _field(0.0, "Over-sample lesion-positive slices to this fraction of each "
-                                      "epoch (0: natural).", _below_one)
+                                      "epoch (0: natural).", _below_one, hparam=True)
     # Device policy.
     precision: str = _field("auto", f"One of {', '.join(PRECISIONS)}; auto = mixed_float16 on GPU, "
-                            "float32 on CPU.", _one_of(PRECISIONS))
+                            "float32 on CPU.", _one_of(PRECISIONS), hparam=True)
     jit_compile: str = _field("auto", f"XLA: one of {', '.join(JIT_CHOICES)}; auto = on with a GPU, off "
                               "on CPU.", _one_of(JIT_CHOICES))
     strategy: str = _field("auto", f"tf.distribute strategy: one of {', '.join(STRATEGIES)}; auto picks "
                            "from the hardware and TF_CONFIG.", _one_of(STRATEGIES))
-    threads: int = _field(0, "Intra-op threads (0: TensorFlow's default).", _at_least(0, 1024))
+    threads: int = _field(0, "Intra-op threads (0: TensorFlow's default).", _at_least(0, 1024), local=True)
     cpu_devices: int = _field(0, "Split the CPU into this many logical devices (to exercise "
                               "--strategy=mirrored without GPUs).", _at_least(0, 64))
     collective_timeout: int = _field(600, "Multi-worker: seconds to wait for every worker of TF_CONFIG "
@@ -175,8 +185,8 @@ class Config:
     deterministic: bool = _field(False, "Turn on TensorFlow op determinism (bitwise-reproducible runs, "
                                  "slower).")
     # Run directory, logging, evaluation.
-    model_dir: str = _field("", "Run directory ('' = logs/<run_name>).", _utf8)
-    run_name: str = _field("default", "Name of the run directory under logs/.", _utf8)
+    model_dir: str = _field("", "Run directory ('' = logs/<run_name>).", _utf8, local=True)
+    run_name: str = _field("default", "Name of the run directory under logs/.", _utf8, local=True)
     eval_every: int = _field(1, "Evaluate on the validation split every this many epochs.", POSITIVE)
     eval_batch_size: int = _field(0, "Evaluation batch size per replica (0 = --batch_size).",
                                   _at_least(0, 4096))
@@ -184,7 +194,7 @@ class Config:
     overlay_every: int = _field(1, "Write validation overlay images every this many epochs.", POSITIVE)
     num_overlays: int = _field(8, "Number of fixed validation slices in the overlays (half with "
                                "lesions).", _at_least(0, 64))
-    progress: bool = _field(True, "Show a progress bar on a terminal.")
+    progress: bool = _field(True, "Show a progress bar on a terminal.", local=True)
     # Checkpoints and policies.
     keep_checkpoints: int = _field(3, "Checkpoints kept besides the best one.", _at_least(1, 1000))
     checkpoint_every_steps: int = _field(0, "Also checkpoint every this many steps (0: only at epoch "
@@ -192,7 +202,7 @@ class Config:
     monitor: str = _field("val_loss", "Metric for best checkpoint, plateau and early stopping: "
                           "val_loss, val_dice or val_iou.", _one_of(MONITORS))
     restore_from: str = _field("", "Warm-start the model weights from another run directory or "
-                               "checkpoint.", _utf8)
+                               "checkpoint.", _utf8, local=True)
     overwrite: bool = _field(False, "Start afresh in a run directory that holds another run.")
     plateau_factor: float = _field(0.1, "Learning-rate factor on a plateau.", _open_unit)
     plateau_patience: int = _field(5, "Evaluations without improvement before the learning rate "
@@ -201,7 +211,7 @@ class Config:
                                       "plateau policy.", NON_NEGATIVE_FLOAT)
     plateau_cooldown: int = _field(0, "Evaluations to wait after a drop before counting again.",
                                    NON_NEGATIVE)
-    min_lr: float = _field(1e-11, "Lower bound of the learning rate.", NON_NEGATIVE_FLOAT)
+    min_lr: float = _field(1e-11, "Lower bound of the learning rate.", NON_NEGATIVE_FLOAT, hparam=True)
     early_stopping_patience: int = _field(15, "Evaluations without improvement before training stops.",
                                           NON_NEGATIVE)
     early_stopping_min_delta: float = _field(0.0, "Smallest change that counts as an improvement for "
@@ -283,6 +293,8 @@ def help_text(name: str) -> str:
 
 FIELDS = {f.name: f for f in dataclasses.fields(Config)}
 RUN_IDENTITY_FIELDS = tuple(name for name, f in FIELDS.items() if f.metadata["identity"])
+HPARAM_FIELDS = tuple(name for name, f in FIELDS.items() if f.metadata["hparam"])
+LOCAL_FIELDS = tuple(name for name, f in FIELDS.items() if f.metadata["local"])
 
 
 def _require(ok: bool, flag: str, message: str) -> None:

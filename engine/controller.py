@@ -1,19 +1,10 @@
-"""The controller: one step clock, and at each tick what is due: evaluate, policies, save, report."""
+"""The controller: the step clock, and at each tick which actions are due (log, evaluate, save, stop)."""
 
 from __future__ import annotations
 
 import dataclasses
-import logging
 import signal
-import time
-from typing import Callable
-
-from engine import steps as steps_lib
-from engine.actions import Evaluate, Overlays, Policies, Progress
-from engine.summaries import SummaryWriter
-from engine.trainer import Trainer, lr_at
-
-log = logging.getLogger(__name__)
+from typing import Callable, Protocol
 
 
 def itstime(step: int, every: int, total: int | None = None) -> bool:
@@ -26,20 +17,14 @@ def steps_to_next(step: int, everies: tuple[int, ...], most: int) -> int:
     return min([most] + [every - step % every for every in everies if every > 0])
 
 
-@dataclasses.dataclass
-class LoopState:
-    """What the loop carries between steps besides the variables; saved in every checkpoint."""
+@dataclasses.dataclass(frozen=True)
+class EpochEnd:
+    """What the eval actions get at the end of an epoch: its train metrics and its evaluation."""
 
-    base_lr: float
-    epoch_sums: dict | None = None  # train sums of the current epoch so far (mid-epoch saves)
-    stopped: str | None = None  # why training ended early, once it has
-
-    def state(self) -> dict:
-        return {"base_lr": self.base_lr, "epoch_totals": self.epoch_sums, "stopped": self.stopped}
-
-    def restore(self, state: dict) -> None:
-        self.base_lr, self.epoch_sums, self.stopped = (
-            state["base_lr"], state["epoch_totals"], state["stopped"])
+    epoch: int  # 1-based: the epoch that just ended
+    step: int
+    train: dict  # the trainer's epoch metrics (loss, dice, iou, skipped_steps, steps, seconds)
+    val: dict  # {"val_loss": ...}, or {} when the epoch was not evaluated
 
 
 class StopRequest:
@@ -69,110 +54,83 @@ class StopRequest:
         return False
 
 
+class Trainer(Protocol):
+    """What the controller needs of a trainer (engine.trainer.Trainer)."""
+
+    steps_per_epoch: int
+
+    @property
+    def step(self) -> int: ...
+
+    def train(self, num_steps: int) -> dict: ...
+
+    def pop_window(self) -> dict: ...
+
+    def pop_epoch(self) -> dict: ...
+
+
 @dataclasses.dataclass
 class Controller:
-    """Runs the trainer to the last step, and runs each action when the clock says it is due."""
+    """Runs the trainer to the last step, and runs each list of actions when the clock says so.
+
+    Attributes:
+      trainer: runs N steps from `trainer.step`, the one step counter, and keeps their metrics.
+      epochs, steps_per_execution: the last step is epochs x trainer.steps_per_epoch; a train
+        call runs at most steps_per_execution steps, and never past a log, save or epoch end.
+      log_every, checkpoint_every: in steps (0: never); eval_every: in epochs (and the last).
+      evaluate: the validation metrics ({"val_dice": ...}), called at the epochs due.
+      save: (step, metrics) at every epoch end, every checkpoint_every steps and on a signal.
+      train_actions: (step, the logging window so far) after every train call.
+      log_actions: (step, the closed logging window) every log_every steps.
+      eval_actions: (EpochEnd) at every epoch end, before the save.
+      stop_reason: why training should end early (early stopping), or None.
+      agree_stop: True on every worker if it is True on any (one process: itself).
+    """
 
     trainer: Trainer
-    loop: LoopState
     epochs: int
-    warmup_steps: int
-    cosine: bool
-    min_lr: float
     steps_per_execution: int
     log_every: int
     checkpoint_every: int
     eval_every: int
-    overlay_every: int
-    evaluate: Evaluate
-    policies: Policies
-    save: Callable[[int, int, dict], None]  # (step, epoch, metrics)
-    record: Callable[[dict], None]  # one history.jsonl line per epoch
-    writer: SummaryWriter
-    overlays: Overlays
-    progress: Progress
-    learning_rate: Callable[[], float]  # what the optimizer holds now
-    loss_scale: Callable[[], float]
-    agree_stop: Callable[[bool], bool] = lambda stop: stop  # True on all workers if on any
+    evaluate: Callable[[], dict]
+    save: Callable[[int, dict], None]
+    train_actions: list = dataclasses.field(default_factory=list)
+    log_actions: list = dataclasses.field(default_factory=list)
+    eval_actions: list = dataclasses.field(default_factory=list)
+    stop_reason: Callable[[], str | None] = lambda: None
+    agree_stop: Callable[[bool], bool] = lambda stop: stop
 
     def run(self, stop: StopRequest) -> str | None:
-        """Trains until the last step, early stopping or a signal; returns the signal's name, if any."""
+        """Trains until the last step, early stopping or a signal; returns the signal's name, if any.
+
+        On a signal to any worker, every worker saves at the same step and returns.
+        """
         per_epoch = self.trainer.steps_per_epoch
         total = per_epoch * self.epochs
-        step = saved = self.trainer.step
-        window, started, stopping = {}, time.perf_counter(), False
-        self._epoch_started = started
-        while step < total and self.loop.stopped is None and not stopping:
-            n = steps_to_next(step, (per_epoch, self.log_every, self.checkpoint_every),
+        while self.trainer.step < total and self.stop_reason() is None:
+            n = steps_to_next(self.trainer.step, (per_epoch, self.log_every, self.checkpoint_every),
                               self.steps_per_execution)
-            lr = lr_at(step, base_lr=self.loop.base_lr, warmup_steps=self.warmup_steps,
-                       total_steps=total, min_lr=self.min_lr, cosine=self.cosine)
-            sums = self.trainer.train(n, learning_rate=lr)
-            step += n
-            # A signal to any worker stops them all at this same step.
+            window = self.trainer.train(n)
+            step = self.trainer.step
             stopping = self.agree_stop(stop.signal_name is not None)
-            window = steps_lib.add_sums(window or None, {**sums, "steps": n})
-            self.loop.epoch_sums = steps_lib.add_sums(self.loop.epoch_sums, sums)
-            epoch, offset = divmod(step, per_epoch)
-            self._show_progress(window, offset or per_epoch, epoch + (offset > 0), started)
+            for action in self.train_actions:
+                action(step, window)
             if itstime(step, self.log_every):
-                self._train_scalars(step, window, time.perf_counter() - started)
-                window, started = {}, time.perf_counter()
-            if offset == 0:  # An epoch ended: evaluate, policies, record and save, report.
-                self._end_epoch(step, epoch)
-                saved = step
+                window = self.trainer.pop_window()
+                for action in self.log_actions:
+                    action(step, window)
+            if step % per_epoch == 0:
+                self._end_epoch(step, step // per_epoch)
             elif stopping or itstime(step, self.checkpoint_every):
-                self.save(step, epoch, {})
-                saved = step
-        if not stopping:
-            return None
-        if saved != step:
-            self.save(step, step // per_epoch, {})
-        self.progress.end()
-        name = stop.signal_name or "SIGTERM"  # SIGTERM: another worker was preempted
-        where = (f"{step % per_epoch}/{per_epoch} steps into epoch {step // per_epoch + 1}"
-                 if step % per_epoch else f"end of epoch {step // per_epoch}")
-        log.info(f"{stop.signal_name or 'A signal to another worker'} received: saved a "
-                 f"checkpoint at step {step} ({where}); exiting. Run the same command to resume.")
-        return name
-
-    def _show_progress(self, window: dict, done: int, epoch: int, started: float) -> None:
-        live = steps_lib.summarize_train(window, window["steps"])
-        seconds = max(time.perf_counter() - started, 1e-9)
-        self.progress.update(epoch, done, self.trainer.steps_per_epoch, live["loss"], live["dice"],
-                             window["steps"] * self.trainer.global_batch / seconds)
+                self.save(step, {})
+            if stopping:
+                return stop.signal_name or "SIGTERM"  # SIGTERM: another worker was preempted
+        return None
 
     def _end_epoch(self, step: int, epoch: int) -> None:
-        self.progress.end()
-        per_epoch, seconds = self.trainer.steps_per_epoch, time.perf_counter() - self._epoch_started
-        sums, self.loop.epoch_sums = self.loop.epoch_sums, None
-        train = steps_lib.summarize_train(sums, per_epoch)
-        metrics = self.evaluate() if itstime(epoch, self.eval_every, self.epochs) else {}
-        if metrics:
-            self.loop.base_lr, self.loop.stopped = self.policies(
-                metrics, epoch=epoch, base_lr=self.loop.base_lr)
-        self.record({"epoch": epoch, "step": step, "learning_rate": self.learning_rate(),
-                     "wall_time": time.time(), "epoch_seconds": seconds,
-                     "skipped_steps": sums["skipped"], **train, **metrics})
-        self.save(step, epoch, metrics)
-        if metrics:
-            self.writer.scalars(step, {"val": {k[len("val_"):]: v for k, v in metrics.items()}})
-        if itstime(epoch, self.overlay_every, self.epochs):
-            self.overlays(step)
-        self.writer.flush()
-        log.info(f"epoch {epoch}/{self.epochs} step {step}: loss {train['loss']:.4f} "
-                 f"dice {train['dice']:.4f}" + "".join(f" {k} {v:.4f}" for k, v in metrics.items())
-                 + f" lr {self.learning_rate():.3g} ({seconds:.1f}s, "
-                 f"{per_epoch * self.trainer.global_batch / max(seconds, 1e-9):.1f} img/s)")
-        self._epoch_started = time.perf_counter()
-
-    def _train_scalars(self, step: int, window: dict, seconds: float) -> None:
-        steps = window["steps"]
-        self.writer.scalars(step, {"train": {
-            **steps_lib.summarize_train(window, steps), "learning_rate": self.learning_rate(),
-            "loss_scale": self.loss_scale(), "skipped_steps": window["skipped"],
-            "steps_per_sec": steps / max(seconds, 1e-9),
-            "images_per_sec": steps * self.trainer.global_batch / max(seconds, 1e-9)}})
-        if window["skipped"]:
-            log.info(f"step {step}: {int(window['skipped'])} step(s) skipped by float16 loss "
-                     f"scaling (scale now {self.loss_scale():g})")
+        val = self.evaluate() if itstime(epoch, self.eval_every, self.epochs) else {}
+        end = EpochEnd(epoch=epoch, step=step, train=self.trainer.pop_epoch(), val=val)
+        for action in self.eval_actions:
+            action(end)
+        self.save(step, val)

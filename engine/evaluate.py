@@ -17,7 +17,7 @@ import tensorflow as tf
 from data import lgg
 from data.dataset import LggDataset
 from data.lgg import DataError
-from engine import build, report
+from engine import inference, inputs, report
 from engine.config import Config
 from engine.inference import Segmenter
 from engine.rundir import SPLIT_FILE, RunDir
@@ -138,23 +138,18 @@ def _jsonable(value):
 def _data(config: Config, run: RunDir) -> LggDataset:
     """The patients to score: a split of the run, or every patient of --data_dir (--split=all)."""
     if config.split != "all":
-        data = build.load_split(config, run, create=False)
+        data = inputs.load_split(config, run, create=False)
         if not data.split[config.split]:
             raise DataError(f"{run.file(SPLIT_FILE)}: the {config.split} split has no patients")
         return data.part(config.split)
-    dataset = build.load_dataset(config)
-    if os.path.exists(run.file(SPLIT_FILE)):
-        try:
-            split = run.load_or_make_split(dataset, val_fraction=config.val_fraction,
-                                           test_fraction=config.test_fraction, seed=config.seed,
-                                           num_folds=config.num_folds, fold=config.fold, create=False)
-        except DataError:  # another folder's patients: nothing the run trained on is in it
-            split = None
-        seen = sorted(set(dataset.patients) & set(split["train"] + split["val"])) if split else []
-        if seen:
-            log.warning(f"{len(seen)} of the {len(dataset.patients)} patients of {config.data_dir} "
-                        f"were among the run's training or validation patients, so their figures "
-                        f"are not held-out: {', '.join(seen)}")
+    dataset = inputs.load_dataset(config)
+    stored = run.read_split() or {}
+    trained = {p for key in ("train", "val") for p in stored.get(key, []) if isinstance(p, str)}
+    seen = sorted(set(dataset.patients) & trained)
+    if seen:
+        log.warning(f"{len(seen)} of the {len(dataset.patients)} patients of {config.data_dir} "
+                    f"were among the run's training or validation patients, so their figures "
+                    f"are not held-out: {', '.join(seen)}")
     return dataset
 
 
@@ -170,7 +165,7 @@ def run(config: Config) -> dict:
       DataError: the data or the split cannot be used.
     """
     start = time.perf_counter()
-    segmenter = build.segmenter(config)
+    segmenter = inference.segmenter(config)
     run_dir = RunDir(config.run_dir)
     subset = _data(config, run_dir)
     batch_size = config.eval_batch

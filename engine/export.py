@@ -13,7 +13,7 @@ import numpy as np
 import tensorflow as tf
 
 from data import volume
-from engine import build, rundir
+from engine import inference, rundir
 from engine.config import Config
 from engine.inference import Segmenter, probabilities
 from engine.rundir import RunDirError
@@ -149,7 +149,7 @@ def run(config: Config) -> str:
       RunDirError: --export_dir holds something that is not a SavedModel, or the
         reloaded export disagrees with the engine.
     """
-    segmenter = build.segmenter(config)
+    segmenter = inference.segmenter(config)
     export_dir = config.export_dir or os.path.join(config.run_dir, rundir.SAVED_MODEL)
     export_saved_model(segmenter, export_dir,
                        metadata={"source": segmenter.sources, "brainseg": rundir.PROJECT_VERSION})

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import dataclasses
-import json
 import logging
 import os
 import zipfile
@@ -14,15 +13,20 @@ import tensorflow as tf
 
 from data import pipeline
 from data import volume as data_volume
+from engine import atomic
 from engine import checkpoint as checkpoint_lib
 from engine.checkpoint import CheckpointError
-from engine.rundir import FINAL_MODEL, INFERENCE_FILE
+from engine.rundir import FINAL_MODEL, INFERENCE_FILE, RunDir
+from engine.state import build_model
 from models import fused_batch_norm  # noqa: F401  (registers the layer that load_model reads)
 from models import postprocess
 
 log = logging.getLogger(__name__)
 
 THRESHOLD = 0.5
+# The flags of a run that its model and its inference are made of, read from its config.json.
+MODEL_FIELDS = ("image_size", "base_filters", "depth", "dropout", "batch_norm", "normalize", "neighbours",
+                "tta")
 
 
 def model_image_size(model, fallback: int) -> int:
@@ -134,6 +138,15 @@ class InferenceSpec:
             raise CheckpointError(f"{source} is not an inference record brainseg can read ({e})") from None
 
 
+def spec_for(config, *, members=(FINAL_MODEL,), chosen_on: str = "defaults") -> InferenceSpec:
+    """The inference a run's flags describe (a Config, or the "config" of a run's config.json):
+    its model inputs and TTA, the default threshold and no post-processing."""
+    values = config if isinstance(config, dict) else config.to_dict()
+    return InferenceSpec(members=tuple(members), normalize=values.get("normalize", "none"),
+                         neighbours=int(values.get("neighbours", 0)), tta=bool(values.get("tta", False)),
+                         chosen_on=chosen_on)
+
+
 class Segmenter:
     """A run's whole inference on volumes: model inputs, the members' averaged probabilities,
     the threshold and the post-processing. Evaluate, predict and export all go through it."""
@@ -213,13 +226,40 @@ def load_model(path: str, *, build=None) -> tuple[keras.Model, str]:
 def read_spec(run_dir: str) -> InferenceSpec | None:
     """The run's recorded inference, or None for a run that has none (trained before it existed)."""
     path = os.path.join(run_dir, INFERENCE_FILE)
-    if not os.path.exists(path):
-        return None
-    try:
-        with open(path) as f:
-            payload = json.load(f)
-    except (OSError, ValueError) as e:
-        raise CheckpointError(f"{path} is unreadable ({e}); train again or remove it") from None
-    if not isinstance(payload, dict):
-        raise CheckpointError(f"{path} is not an inference record brainseg can read")
-    return InferenceSpec.from_json(payload, path)
+    payload = atomic.read_json_object(path, CheckpointError, "train again or remove it")
+    return None if payload is None else InferenceSpec.from_json(payload, path)
+
+
+def segmenter(config) -> Segmenter:
+    """The inference a reading mode applies (evaluate, predict, export).
+
+    The run's own, as training recorded it in inference.json (its members, model inputs, TTA,
+    threshold and post-processing), with --tta and the post-processing flags added on top; or,
+    with --checkpoint, that one model; or, for a run trained before inference.json existed, its
+    final model with the model inputs its config.json records.
+
+    Raises:
+      CheckpointError: nothing loadable where the flags point.
+    """
+    recorded = read_spec(config.run_dir)
+    flags = RunDir(config.run_dir).read_config()  # the run's own flags, where it has a config.json
+    run_config = config if flags is None else dataclasses.replace(
+        config, **{k: flags[k] for k in MODEL_FIELDS if k in flags})
+    spec = recorded or spec_for(run_config, chosen_on="the run's config.json (no inference.json)"
+                                if flags is not None else "flags")
+    extra = dataclasses.replace(
+        spec, tta=spec.tta or config.tta,
+        min_component_size=max(spec.min_component_size, config.min_component_size),
+        keep_largest_component=spec.keep_largest_component or config.keep_largest_component)
+    if recorded is not None and extra != recorded:
+        log.info("Adding the flags' --tta / post-processing to the run's recorded inference")
+    paths = [config.checkpoint] if config.checkpoint else [os.path.join(config.run_dir, m) for m in spec.members]
+    models, sources = [], []
+    for path in paths:
+        model, source = load_model(path, build=lambda: build_model(run_config))
+        models.append(model)
+        sources.append(source)
+    image_size = model_image_size(models[0], run_config.image_size)
+    if image_size != config.image_size and recorded is None and flags is None:
+        log.info(f"The model takes {image_size}x{image_size} inputs (--image_size={config.image_size} ignored)")
+    return Segmenter(models, extra, image_size=image_size, sources=sources)

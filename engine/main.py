@@ -80,8 +80,8 @@ def run(config) -> int:
             logging.getLogger(name).setLevel(logging.WARNING)
     try:
         if config.mode == "train":
-            from engine import recipe
-            stopped = recipe.train(config, rt)["stopped"]
+            from engine import train
+            stopped = train.run(config, rt)["stopped"]
             if stopped in INTERRUPTED:
                 print(f"error: interrupted by {stopped} before the last step; the checkpoint is "
                       f"saved: run the same command to resume (exit code {INTERRUPTED[stopped]})",

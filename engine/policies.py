@@ -1,31 +1,13 @@
-"""Reduce-on-plateau, early stopping and best-metric tracking as small stateful policies."""
+"""Reduce-on-plateau and early stopping as small stateful policies."""
 
 import numpy as np
 
-_MODES = ("min", "max")
-
-
-def _is_better(value: float, reference: float | None, mode: str, min_delta: float) -> bool:
-    """Keras' MonitorCallback._is_improvement: beats `reference` by more than `min_delta`."""
-    if reference is None:
-        return True
-    # Keras turns Python floats into float32 tensors before comparing, so a gain
-    # finer than float32 resolution is no gain; do the same to trigger on the same epochs.
-    if mode == "min":
-        return bool(np.float32(value + min_delta) < np.float32(reference))
-    return bool(np.float32(value - min_delta) > np.float32(reference))
+from engine.monitor import check_mode as _check_common, is_better as _is_better
 
 
 def _check_count(name: str, value) -> None:
     if isinstance(value, bool) or not isinstance(value, int) or value < 0:
         raise ValueError(f"{name} must be an integer >= 0, got {value!r}")
-
-
-def _check_common(mode: str, min_delta: float) -> None:
-    if mode not in _MODES:
-        raise ValueError(f"mode must be 'min' or 'max', got {mode!r}")
-    if not min_delta >= 0:  # Also rejects NaN.
-        raise ValueError(f"min_delta must be >= 0, got {min_delta!r}")
 
 
 class _Policy:
@@ -128,8 +110,7 @@ class EarlyStopping(_Policy):
     """Asks to stop when the monitored value has not improved for `patience` epochs.
 
     Same decisions as `keras.callbacks.EarlyStopping`. Restoring the best weights is
-    the loop's job: `best` and `best_epoch` say which checkpoint holds them, and
-    `improved` says whether the last update was a new best.
+    the trainer's job: `best` and `best_epoch` say which checkpoint holds them.
     """
 
     _STATE = ("best", "best_epoch", "wait", "epoch")
@@ -152,7 +133,6 @@ class EarlyStopping(_Policy):
         self.best_epoch: int | None = None
         self.wait = 0
         self.epoch = -1  # The epoch of the last update.
-        self.improved = False
 
     def update(self, value: float, epoch: int | None = None) -> bool:
         """Records one epoch's monitored value.
@@ -167,46 +147,7 @@ class EarlyStopping(_Policy):
         value = float(value)
         self.epoch = self.epoch + 1 if epoch is None else epoch
         self.wait += 1
-        self.improved = _is_better(value, self.best, self.mode, self.min_delta)
-        if self.improved:
+        if _is_better(value, self.best, self.mode, self.min_delta):
             self.best, self.best_epoch, self.wait = value, self.epoch, 0
             return False
         return self.wait >= self.patience and self.epoch > 0
-
-
-class BestMetric(_Policy):
-    """Tracks the best monitored value, as Keras' ModelCheckpoint(save_best_only=True) does.
-
-    The checkpoint manager ranks its checkpoints with it, so the checkpoint that becomes the final
-    model is the one Keras would have kept.
-    """
-
-    _STATE = ("best",)
-
-    def __init__(self, *, mode: str, min_delta: float = 0.0):
-        """Creates the tracker.
-
-        Args:
-            mode: "min" or "max": the direction in which the monitored value improves.
-            min_delta: An improvement must be larger than this.
-
-        Raises:
-            ValueError: If an argument is out of range; the message names it.
-        """
-        _check_common(mode, min_delta)
-        self.mode, self.min_delta = mode, min_delta
-        self.best: float | None = None
-
-    def update(self, value: float) -> bool:
-        """Records a monitored value.
-
-        Args:
-            value: The monitored metric.
-
-        Returns:
-            True if `value` is a new best (the first value always is).
-        """
-        if not _is_better(float(value), self.best, self.mode, self.min_delta):
-            return False
-        self.best = float(value)
-        return True

@@ -16,7 +16,7 @@ import tifffile
 
 from data.decode import multi_page
 from data.lgg import DataError
-from engine import build
+from engine import inference
 from engine.atomic import atomic_write
 from engine.config import Config
 from engine.inference import Segmenter
@@ -256,7 +256,7 @@ def run(config: Config) -> int:
       CheckpointError: no model where the flags point.
     """
     jobs, protected = plan(config.input, config.output)
-    segmenter = build.segmenter(config)
+    segmenter = inference.segmenter(config)
     if protected:
         examples = ", ".join(str(j.target) for j in protected[:3])
         log.info(f"Skipping {len(protected)} image(s) whose {MASK_STEM_SUFFIX}.tif is ground truth in "

@@ -11,7 +11,6 @@ import os
 import platform
 import shutil
 
-from data import split as split_lib
 from engine import atomic
 from engine.config import RUN_IDENTITY_FIELDS, Config
 
@@ -89,7 +88,7 @@ class RunDir:
         try:
             os.makedirs(self.path, exist_ok=True)
             self.lock()
-            previous = self._read_config()
+            previous = self.read_config()
             if previous is not None and config.overwrite:
                 log.info(f"--overwrite: removing the previous run's files in {self.path}")
                 self._remove_products()
@@ -139,17 +138,20 @@ class RunDir:
             os.close(self._lock_fd)
             self._lock_fd = None
 
-    def _read_config(self) -> dict | None:
+    def __enter__(self) -> "RunDir":
+        return self
+
+    def __exit__(self, *exc) -> bool:
+        self.close()
+        return False
+
+    def read_config(self) -> dict | None:
         """The config of the run already here, or None; refuses a config.json that is not ours."""
         path = self.file(CONFIG_FILE)
-        if not os.path.exists(path):
+        stored = atomic.read_json_object(path, RunDirError, "it is left alone: move it away or "
+                                         "use another --model_dir", object_only=False)
+        if stored is None:
             return None
-        try:
-            with open(path) as f:
-                stored = json.load(f)
-        except (OSError, ValueError) as e:
-            raise RunDirError(f"{path} is unreadable ({e}); it is left alone: move it away or "
-                              "use another --model_dir") from None
         if not (isinstance(stored, dict) and isinstance(stored.get("config"), dict)
                 and isinstance(stored.get("versions"), dict) and "brainseg" in stored["versions"]):
             raise RunDirError(f"{path} was not written by brainseg; this folder is left alone "
@@ -192,57 +194,14 @@ class RunDir:
 
     # -- The split ------------------------------------------------------------------------------
 
-    def load_or_make_split(self, dataset, *, val_fraction: float, test_fraction: float, seed: int,
-                           num_folds: int = 0, fold: int = 0, create: bool = True) -> dict[str, list[str]]:
-        """Reuses split.json if present (so a resumed run keeps its split), else makes and writes it.
-
-        Args:
-          dataset: the LggDataset.
-          val_fraction, test_fraction, seed, num_folds, fold: as in data.split.make_split; used
-            only when there is no split.json.
-          create: False for readers of a finished run: a missing split.json is an error.
-
-        Returns:
-          {"train": [...], "val": [...], "test": [...]} of sorted patient folder names.
+    def read_split(self) -> dict | None:
+        """split.json as it was written, or None when the run has none yet.
 
         Raises:
-          DataError: split.json is missing (create=False), unreadable, names patients not in the
-            dataset, lists a patient twice, or was made for another fold; or a new split is
-            impossible (see make_split).
+          RunDirError: it is unreadable or not a JSON object.
         """
-        path = self.file(SPLIT_FILE)
-        if os.path.exists(path):
-            try:
-                with open(path) as f:
-                    stored = json.load(f)
-            except (OSError, ValueError) as e:
-                raise split_lib.DataError(f"{path}: unreadable split file ({type(e).__name__}: {e}); "
-                                          "delete it to make a new split") from None
-            split = split_lib.check_split(stored, dataset, path)
-            # Another fold's split would score other held-out patients: refused, not reused. Files
-            # written before folds existed have no such keys and were fraction splits (0/0).
-            stored_fold = {"num_folds": stored.get("num_folds", 0), "fold": stored.get("fold", 0)}
-            if stored_fold != {"num_folds": num_folds, "fold": fold}:
-                raise split_lib.DataError(
-                    f"{path} was made with --num_folds={stored_fold['num_folds']} "
-                    f"--fold={stored_fold['fold']}, not --num_folds={num_folds} --fold={fold}; "
-                    "use a run directory per fold")
-            requested = {"seed": seed, "val_fraction": val_fraction, "test_fraction": test_fraction}
-            if any(k in stored and stored[k] != v for k, v in requested.items()):
-                log.warning(f"{path} was made with {({k: stored.get(k) for k in requested})}; "
-                            f"reusing it although {requested} was requested")
-            return split
-        if not create:
-            raise split_lib.DataError(f"{path} does not exist: {self.path} holds no trained run "
-                                      "(train it first, or point --model_dir at a run directory)")
-        split = split_lib.make_split(dataset, val_fraction=val_fraction, test_fraction=test_fraction,
-                                     seed=seed, num_folds=num_folds, fold=fold)
-        if self.writer:
-            os.makedirs(self.path, exist_ok=True)
-            atomic.atomic_write_json(path, {"seed": seed, "val_fraction": val_fraction,
-                                            "test_fraction": test_fraction, "num_folds": num_folds,
-                                            "fold": fold, **split})
-        return split
+        return atomic.read_json_object(self.file(SPLIT_FILE), RunDirError,
+                                       "delete it to make a new split")
 
     # -- History and other files ----------------------------------------------------------------
 

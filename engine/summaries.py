@@ -94,6 +94,9 @@ class SummaryWriter:
         """Records the run's hyperparameters and final metrics for the HParams tab."""
         if self._writer is None:
             return
+        # A path that is not valid UTF-8 (the run may train on one) is shown with escapes.
+        hparams = {k: v.encode("utf-8", "backslashreplace").decode() if isinstance(v, str) else v
+                   for k, v in hparams.items()}
         with self._writing(step):
             hparams_api.hparams(hparams)
             for name, value in metrics.items():

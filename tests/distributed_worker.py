@@ -17,7 +17,8 @@ import keras  # noqa: E402
 import numpy as np  # noqa: E402
 import tensorflow as tf  # noqa: E402
 
-from engine import build, runtime  # noqa: E402
+from engine import runtime  # noqa: E402
+from engine.state import TrainState  # noqa: E402
 from engine.config import Config  # noqa: E402
 
 GLOBAL_BATCH = 8
@@ -49,8 +50,8 @@ def main(out: str, strategy: str, cpu_devices: int, per_replica_batch: int, num_
     rt = dataclasses.replace(rt, sync_batch_norm=True)
     if dtype == "float64":
         keras.mixed_precision.set_global_policy("float64")
-    state = build.build_train_state(config, rt)
-    steps = build.make_steps(config, rt, state)
+    state = TrainState.build(config, rt)
+    steps = state.steps(config, rt)
     iterator = iter(rt.strategy.experimental_distribute_dataset(batches(32, num_steps)))
     losses = [float(steps.train(iterator, tf.constant(1))["loss"]) for _ in range(num_steps)]
     weights = {f"w{i}": v.numpy() for i, v in enumerate(state.model.weights)}

@@ -20,6 +20,12 @@ import tensorflow as tf
 from engine import checkpoint as ckpt_lib
 from engine.checkpoint import CheckpointError, CheckpointInfo, CheckpointManager, find_checkpoint
 
+
+def _restore_newest(manager, checkpoint):
+    """What a resume does: the newest checkpoint that verifies, read into `checkpoint` (None: none)."""
+    info = manager.newest_verified()
+    return None if info is None else ckpt_lib.restore(checkpoint, info)
+
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DATA = "ckpt.data-00000-of-00001"
 
@@ -74,7 +80,7 @@ def test_round_trip_restores_model_weights_and_adam_slots(tmp_path):
         if build_first:
             opt2.build(model2.trainable_variables)
         step2 = tf.Variable(0, dtype=tf.int64)
-        info = CheckpointManager(directory=str(tmp_path / "ckpts")).restore_latest(
+        info = _restore_newest(CheckpointManager(directory=str(tmp_path / "ckpts")), 
             tf.train.Checkpoint(model=model2, optimizer=opt2, step=step2))
         if not build_first:
             opt2.build(model2.trainable_variables)
@@ -157,7 +163,7 @@ def test_corrupt_newest_is_reported_by_name_and_the_previous_restored(tmp_path, 
     caplog.set_level(logging.INFO)
     manager = CheckpointManager(directory=str(tmp_path))
     v, step, ckpt = _vars(-1.0)
-    info = manager.restore_latest(ckpt)
+    info = _restore_newest(manager, ckpt)
     assert (info.name, info.step, info.state) == ("ckpt-000000002", 2, {"plateau": {"wait": 2}})
     np.testing.assert_array_equal(v.numpy(), np.full(16, 2.0))
     assert int(step.numpy()) == 2
@@ -172,10 +178,10 @@ def test_no_checkpoint_verifies_is_an_error_naming_each(tmp_path):
     _corrupt(tmp_path / "ckpt-000000001", "truncate_data")
     _corrupt(tmp_path / "ckpt-000000002", "flip_data_bytes")
     with pytest.raises(CheckpointError) as e:
-        CheckpointManager(directory=str(tmp_path)).restore_latest(_vars()[2])
+        _restore_newest(CheckpointManager(directory=str(tmp_path)), _vars()[2])
     assert "ckpt-000000001" in str(e.value) and "ckpt-000000002" in str(e.value)
     assert "truncated" in str(e.value) and "sha256" in str(e.value)
-    assert CheckpointManager(directory=str(tmp_path / "empty")).restore_latest(_vars()[2]) is None
+    assert _restore_newest(CheckpointManager(directory=str(tmp_path / "empty")), _vars()[2]) is None
 
 
 def test_remove_temporaries_cleans_up_after_crashes(tmp_path):
@@ -212,7 +218,7 @@ def test_saving_the_same_step_again_replaces_it(tmp_path):
     assert (info.epoch, info.metrics, info.state) == (1, {"val_loss": 0.3}, {"in_epoch": 0})
     assert manager.best() == info
     v2, _, ckpt2 = _vars()
-    assert manager.restore_latest(ckpt2) == info and v2.numpy()[0] == 2.0
+    assert _restore_newest(manager, ckpt2) == info and v2.numpy()[0] == 2.0
 
 
 def _enospc(*args, **kwargs):
@@ -252,6 +258,7 @@ def test_unwritable_directory_path_is_a_clear_error(tmp_path):
 _FS_CHILD = r"""
 import json, os, subprocess, sys
 import tensorflow as tf
+from engine import checkpoint as ckpt_lib
 from engine.checkpoint import CheckpointError, CheckpointManager, verify
 root = sys.argv[1]
 d = os.path.join(root, "checkpoints")
@@ -272,7 +279,7 @@ attempt("full", tf.train.Checkpoint(v=tf.Variable(tf.zeros([1 << 20]))))  # 4 MB
 subprocess.run(["mount", "-o", "remount,ro", root], check=True)
 attempt("read_only", small)
 v = tf.Variable(tf.zeros([1000]))
-out["restored"] = m.restore_latest(tf.train.Checkpoint(v=v)).step
+out["restored"] = ckpt_lib.restore(tf.train.Checkpoint(v=v), m.newest_verified()).step
 print("RESULT " + json.dumps(out))
 """
 
@@ -360,13 +367,15 @@ def test_arguments_are_validated(tmp_path):
 _KILL_CHILD = r"""
 import json, logging, sys
 import tensorflow as tf
+from engine import checkpoint as ckpt_lib
 from engine.checkpoint import CheckpointManager
 logging.basicConfig(level=logging.INFO, format="LOG %(message)s", stream=sys.stdout)
 m = CheckpointManager(directory=sys.argv[1], keep=2)
 removed = m.remove_temporaries()
 v, step = tf.Variable(tf.zeros([1 << 20])), tf.Variable(0, dtype=tf.int64)  # 4 MB per save
 ckpt = tf.train.Checkpoint(v=v, step=step)
-info = m.restore_latest(ckpt)
+newest = m.newest_verified()
+info = ckpt_lib.restore(ckpt, newest) if newest else None
 print("RESUMED " + json.dumps({"step": int(step.numpy()), "v": float(v[0]), "v_last": float(v[-1]),
                                "state": info.state if info else None, "removed": removed}), flush=True)
 s = int(step.numpy())

@@ -7,7 +7,7 @@ import os
 import numpy as np
 import pytest
 
-from engine import loop, runtime
+from engine import runtime, train
 from tests.helpers import read_history, tiny_config
 
 
@@ -19,7 +19,7 @@ def _resolve(config):
 def trained(tmp_path_factory):
     run_dir = tmp_path_factory.mktemp("run")
     config = tiny_config(run_dir, epochs=3, steps_per_execution=2)
-    summary = loop.train(config, _resolve(config))
+    summary = train.run(config, _resolve(config))
     return config, summary
 
 

@@ -313,8 +313,8 @@ def test_evaluate_mode_writes_the_report(evaluated):
 def test_evaluate_mode_agrees_with_the_python_api(evaluated):
     config, split, proc = evaluated
     assert proc.returncode == 0, proc.stderr
-    from engine import build
-    dataset = build.load_dataset(config).subset(split["test"])
+    from engine import inputs
+    dataset = inputs.load_dataset(config).subset(split["test"])
     segmenter = Segmenter([_pointwise_model(64)], InferenceSpec(), image_size=64, sources=["test"])
     summary, _ = evaluate.score(dataset, evaluate.predict_patients(segmenter, dataset, batch_size=4))
     with open(os.path.join(config.run_dir, "eval_test.json")) as f:

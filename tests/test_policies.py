@@ -9,6 +9,7 @@ import pytest
 import tensorflow as tf
 
 from engine import policies
+from engine.monitor import BestMetric
 from engine.config import Config
 
 LR0 = 0.01
@@ -144,13 +145,14 @@ def test_early_stopping_and_best_metric_match_keras(model):
     for case in CASES:
         expected = _keras_stopping(model, case)
         stopping = policies.EarlyStopping(**_stopping_args(case))
-        best = policies.BestMetric(mode=case["mode"], min_delta=case["min_delta"])
+        best = BestMetric(mode=case["mode"], min_delta=case["min_delta"])
         for epoch, value in enumerate(case["values"]):
             stop = stopping.update(value)
             new_best = best.update(value)
-            got = (stop, stopping.improved, stopping.wait, stopping.best, stopping.best_epoch)
+            improved = stopping.best_epoch == epoch
+            got = (stop, improved, stopping.wait, stopping.best, stopping.best_epoch)
             np.testing.assert_equal(got, expected[epoch], err_msg=_describe(case, epoch))
-            np.testing.assert_equal((new_best, best.best), (stopping.improved, stopping.best),
+            np.testing.assert_equal((new_best, best.best), (improved, stopping.best),
                                     err_msg=_describe(case, epoch))
         stops += any(e[0] for e in expected)
     assert stops > 100, stops
@@ -164,7 +166,7 @@ def test_best_metric_matches_keras_model_checkpoint(tmp_path, model, mode):
                                              mode=mode, save_best_only=True)
         cb.set_model(model)
         cb._set_monitor_op()
-        best = policies.BestMetric(mode=mode)
+        best = BestMetric(mode=mode)
         for epoch, value in enumerate(case["values"]):
             expected = cb._should_save_model(epoch, None, {MONITOR: value}, "unused.keras")
             assert best.update(value) == expected, _describe(case, epoch)
@@ -173,11 +175,11 @@ def test_best_metric_matches_keras_model_checkpoint(tmp_path, model, mode):
 
 def test_improvement_is_judged_in_float32_like_keras():
     # 0.5 - 1e-9 is below 0.5 in float64 but equal in float32: Keras sees no improvement.
-    best = policies.BestMetric(mode="min")
+    best = BestMetric(mode="min")
     assert best.update(0.5)
     assert not best.update(0.5 - 1e-9)
     assert best.update(0.5 - 1e-7)
-    best = policies.BestMetric(mode="max", min_delta=0.01)
+    best = BestMetric(mode="max", min_delta=0.01)
     assert best.update(0.5)
     assert not best.update(0.51 + 1e-10)
     assert best.update(0.5101)
@@ -202,7 +204,7 @@ def _step(policy, value, lr):
         lr = policy.update(value, lr)
         return lr, lr
     if isinstance(policy, policies.EarlyStopping):
-        return (policy.update(value), policy.improved, policy.best, policy.best_epoch), lr
+        return (policy.update(value), policy.best, policy.best_epoch, policy.wait), lr
     return (policy.update(value), policy.best), lr
 
 
@@ -217,7 +219,7 @@ def _run(policy, values, lr=LR0):
 MAKERS = {
     "plateau": lambda c: policies.ReduceLROnPlateau(**_plateau_args(c)),
     "stopping": lambda c: policies.EarlyStopping(**_stopping_args(c)),
-    "best": lambda c: policies.BestMetric(mode=c["mode"], min_delta=c["min_delta"]),
+    "best": lambda c: BestMetric(mode=c["mode"], min_delta=c["min_delta"]),
 }
 
 
@@ -280,8 +282,8 @@ STOPPING = dict(mode="max", patience=2)
     (policies.EarlyStopping, dict(STOPPING, mode="minimum"), "mode"),
     (policies.EarlyStopping, dict(STOPPING, patience=-2), "patience"),
     (policies.EarlyStopping, dict(STOPPING, min_delta=float("nan")), "min_delta"),
-    (policies.BestMetric, dict(mode="up"), "mode"),
-    (policies.BestMetric, dict(mode="min", min_delta=-0.1), "min_delta"),
+    (BestMetric, dict(mode="up"), "mode"),
+    (BestMetric, dict(mode="min", min_delta=-0.1), "min_delta"),
 ])
 def test_bad_arguments_are_rejected_by_name(cls, args, arg):
     with pytest.raises(ValueError, match=rf"^{arg} must"):

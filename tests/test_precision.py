@@ -7,7 +7,8 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from engine import build, steps as steps_lib
+from engine import steps as steps_lib
+from engine.state import TrainState
 from engine.config import Config
 from engine.runtime import Runtime, resolve_jit, resolve_precision
 
@@ -43,8 +44,8 @@ def _setup(precision, policy):
     config = Config(image_size=32, base_filters=4, depth=2, batch_size=4, learning_rate=1e-2,
                     precision=precision)
     rt = _runtime(precision)
-    state = build.build_train_state(config, rt)
-    return state, build.make_steps(config, rt, state)
+    state = TrainState.build(config, rt)
+    return state, state.steps(config, rt)
 
 
 def test_auto_policy_is_decided_by_the_hardware():

@@ -7,7 +7,7 @@ import json
 import numpy as np
 import pytest
 
-from engine import recipe
+from engine import postprocessing
 from tests.helpers import config_flags, read_history, run_engine, tiny_config
 
 pytestmark = pytest.mark.slow
@@ -30,7 +30,7 @@ def test_an_ensemble_trains_its_members_chooses_its_post_processing_and_evaluate
     assert sorted(held) == pool  # every patient outside the test split is held out exactly once
     spec = json.loads((run_dir / "inference.json").read_text())
     assert spec["members"] == ["members/0/final_model.keras", "members/1/final_model.keras"]
-    assert spec["normalize"] == "volume" and spec["min_component_voxels"] in recipe.MIN_VOXELS
+    assert spec["normalize"] == "volume" and spec["min_component_voxels"] in postprocessing.MIN_VOXELS
     chosen = json.loads((run_dir / "postprocessing.json").read_text())
     assert chosen["chosen"] == spec["min_component_voxels"] and chosen["patients"] == len(pool)
     assert max(chosen["min_component_voxels"].values()) == chosen["min_component_voxels"][str(chosen["chosen"])]
@@ -47,8 +47,8 @@ def test_choose_min_voxels_keeps_the_best_and_the_smaller_on_ties():
     target[1:3, 5:20, 5:20] = True
     probs = np.where(target, 0.9, 0.1).astype(np.float32)
     probs[0, 28:31, 28:31] = 0.8  # a 9-voxel false positive: removed by any size above it
-    chosen, means = recipe.choose_min_voxels([(probs, target)])
+    chosen, means = postprocessing.choose_min_voxels([(probs, target)])
     # 250 removes the false positive; from 500 on, the 450-voxel lesion goes too.
     assert chosen == 250 and means[0] < means[250] == 1.0 and means[500] == 0.0
     clean = np.where(target, 0.9, 0.1).astype(np.float32)
-    assert recipe.choose_min_voxels([(clean, target)])[0] == 0  # nothing to remove: no filter
+    assert postprocessing.choose_min_voxels([(clean, target)])[0] == 0  # nothing to remove: no filter

@@ -1,6 +1,7 @@
 """The patient split (data.split) and its split.json in the run directory (engine.rundir)."""
 
 import json
+import os
 
 import numpy as np
 import pytest
@@ -8,7 +9,20 @@ import pytest
 from data import split as split_lib
 from data.dataset import LggDataset
 from data.lgg import DataError, SliceRecord
-from engine.rundir import RunDir
+from engine import inputs
+from engine.config import Config
+from engine.rundir import RunDir, RunDirError
+
+
+def _load_or_make(run_dir, dataset, **values):
+    """What training does with a run's split: its split.json, or a new split that it records."""
+    config = Config(**values)
+    run = RunDir(str(run_dir))
+    split = inputs.run_split(dataset, run, config, create=True)
+    if run.read_split() is None:
+        os.makedirs(run.path, exist_ok=True)
+        inputs.write_split(run, config, split)
+    return split
 
 
 def _dataset(num_patients=20, *, with_lesions=None, slices=4) -> LggDataset:
@@ -78,7 +92,7 @@ def test_a_zero_fraction_leaves_that_part_empty_and_every_other_patient_training
 
 def test_split_json_is_written_then_reused(tmp_path):
     ds = _dataset(20)
-    split = RunDir(str(tmp_path / "run")).load_or_make_split(ds, val_fraction=0.15, test_fraction=0.15, seed=0)
+    split = _load_or_make(tmp_path / "run", ds, val_fraction=0.15, test_fraction=0.15, seed=0)
     path = tmp_path / "run" / "split.json"
     stored = json.loads(path.read_text())
     assert {k: stored[k] for k in ("train", "val", "test")} == split
@@ -87,29 +101,29 @@ def test_split_json_is_written_then_reused(tmp_path):
     # A resumed run reuses the file even when asked for another seed (the run's split is fixed).
     stored["val"], stored["train"] = stored["val"][1:], stored["train"] + stored["val"][:1]
     path.write_text(json.dumps(stored))
-    reused = RunDir(str(tmp_path / "run")).load_or_make_split(ds, val_fraction=0.15, test_fraction=0.15, seed=5)
+    reused = _load_or_make(tmp_path / "run", ds, val_fraction=0.15, test_fraction=0.15, seed=5)
     assert reused["val"] == sorted(stored["val"]) and reused["train"] == sorted(stored["train"])
 
 
 def test_split_json_naming_unknown_patients_is_a_data_error(tmp_path):
     ds = _dataset(20)
-    RunDir(str(tmp_path)).load_or_make_split(ds, val_fraction=0.15, test_fraction=0.15, seed=0)
+    _load_or_make(tmp_path, ds, val_fraction=0.15, test_fraction=0.15, seed=0)
     with pytest.raises(DataError) as e:
-        RunDir(str(tmp_path)).load_or_make_split(ds.subset(ds.patients[:15]), val_fraction=0.15,
+        _load_or_make(tmp_path, ds.subset(ds.patients[:15]), val_fraction=0.15,
                                      test_fraction=0.15, seed=0)
     assert str(tmp_path / "split.json") in str(e.value)
     assert "not in the dataset" in str(e.value)
 
 
 @pytest.mark.parametrize("text,reason", [
-    ("{not json", "unreadable split file"),
+    ("{not json", "is unreadable"),
     ('{"train": [], "val": []}', "unreadable split file"),
     ('{"train": ["TCGA_DU_0000_20000101"], "val": ["TCGA_DU_0000_20000101"], "test": []}', "in both train and val"),
 ])
 def test_bad_split_json_is_a_data_error(tmp_path, text, reason):
     (tmp_path / "split.json").write_text(text)
-    with pytest.raises(DataError, match=reason) as e:
-        RunDir(str(tmp_path)).load_or_make_split(_dataset(10), val_fraction=0.15, test_fraction=0.15, seed=0)
+    with pytest.raises((DataError, RunDirError), match=reason) as e:
+        _load_or_make(tmp_path, _dataset(10), val_fraction=0.15, test_fraction=0.15, seed=0)
     assert str(tmp_path / "split.json") in str(e.value)
 
 
@@ -181,16 +195,16 @@ def test_impossible_folds_raise_clear_errors():
 
 def test_split_json_records_the_fold_and_refuses_another(tmp_path):
     ds = _dataset(20)
-    split = RunDir(str(tmp_path)).load_or_make_split(ds, val_fraction=0.15, test_fraction=0.15, seed=0,
+    split = _load_or_make(tmp_path, ds, val_fraction=0.15, test_fraction=0.15, seed=0,
                                          num_folds=4, fold=2)
     stored = json.loads((tmp_path / "split.json").read_text())
     assert (stored["num_folds"], stored["fold"]) == (4, 2)
     assert split == split_lib.make_split(ds, seed=0, num_folds=4, fold=2)
-    assert RunDir(str(tmp_path)).load_or_make_split(ds, val_fraction=0.15, test_fraction=0.15, seed=0,
+    assert _load_or_make(tmp_path, ds, val_fraction=0.15, test_fraction=0.15, seed=0,
                                         num_folds=4, fold=2) == split
     for num_folds, fold in ((4, 3), (5, 2), (0, 0)):
         with pytest.raises(DataError, match="was made with --num_folds=4 --fold=2") as e:
-            RunDir(str(tmp_path)).load_or_make_split(ds, val_fraction=0.15, test_fraction=0.15, seed=0,
+            _load_or_make(tmp_path, ds, val_fraction=0.15, test_fraction=0.15, seed=0,
                                          num_folds=num_folds, fold=fold)
         assert str(tmp_path / "split.json") in str(e.value)
 
@@ -200,8 +214,8 @@ def test_split_json_from_before_folds_loads_as_the_fraction_split(tmp_path):
     split = split_lib.make_split(ds, seed=0)
     (tmp_path / "split.json").write_text(json.dumps({"seed": 0, "val_fraction": 0.15,
                                                      "test_fraction": 0.15, **split}))
-    assert RunDir(str(tmp_path)).load_or_make_split(ds, val_fraction=0.15, test_fraction=0.15,
+    assert _load_or_make(tmp_path, ds, val_fraction=0.15, test_fraction=0.15,
                                         seed=0) == split
     with pytest.raises(DataError, match="--num_folds=0 --fold=0"):
-        RunDir(str(tmp_path)).load_or_make_split(ds, val_fraction=0.15, test_fraction=0.15, seed=0,
+        _load_or_make(tmp_path, ds, val_fraction=0.15, test_fraction=0.15, seed=0,
                                      num_folds=5, fold=0)

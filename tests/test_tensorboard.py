@@ -17,7 +17,7 @@ import pytest
 import tensorflow as tf
 from tensorboard.backend.event_processing import event_accumulator
 
-from engine import loop, runtime
+from engine import runtime, train
 from engine.summaries import GREEN, RED
 from tests.helpers import read_history, tiny_config
 
@@ -33,7 +33,7 @@ def run(tmp_path_factory):
     config = tiny_config(tmp_path_factory.mktemp("tensorboard") / "run", epochs=EPOCHS,
                          log_every=LOG_EVERY, num_overlays=OVERLAYS)
     rt = runtime.resolve(config)
-    loop.train(config, rt)
+    train.run(config, rt)
     return config
 
 

@@ -15,10 +15,11 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from engine import build, checkpoint as ckpt_lib
+from engine import checkpoint as ckpt_lib
+from engine import state as state_lib
 from engine.checkpoint import CheckpointManager
 from engine.controller import itstime, steps_to_next
-from engine.trainer import lr_at
+from engine.schedule import lr_at
 from tests.helpers import REPO, config_flags, read_history, run_engine, tiny_config
 
 pytestmark = pytest.mark.slow
@@ -144,7 +145,7 @@ def test_restore_best_weights_puts_the_best_epoch_in_the_final_model(tmp_path):
     final = keras.models.load_model(str(run_dir / "final_model.keras"), compile=False)
 
     def weights_of(info):
-        model = build.build_model(config)
+        model = state_lib.build_model(config)
         ckpt_lib.restore(tf.train.Checkpoint(model=model), info, partial=True)
         return [w.numpy() for w in model.weights]
 

@@ -1,0 +1,174 @@
+"""The training state: the model a config describes, its optimizer and step, and how they are restored."""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import logging
+import os
+import shutil
+import tempfile
+
+import keras
+import tensorflow as tf
+
+from data import volume
+from engine import checkpoint as checkpoint_lib
+from engine import steps as steps_lib
+from engine.checkpoint import CheckpointError, CheckpointInfo, CheckpointManager
+from engine.cluster import Cluster
+from engine.config import Config
+from engine.runtime import Runtime
+from models import unet
+
+log = logging.getLogger(__name__)
+
+
+def build_model(config: Config, runtime: Runtime | None = None) -> keras.Model:
+    """The U-Net of the config, under the global precision policy."""
+    return unet.build_unet(
+        image_size=config.image_size, base_filters=config.base_filters, depth=config.depth,
+        dropout=config.dropout, batch_norm=config.batch_norm,
+        in_channels=volume.channels(config.neighbours),
+        sync_batch_norm=bool(runtime and runtime.sync_batch_norm))
+
+
+@dataclasses.dataclass
+class TrainState:
+    """Everything a checkpoint holds as variables. `step` is the run's only clock."""
+
+    model: keras.Model
+    optimizer: keras.optimizers.Optimizer
+    step: tf.Variable
+
+    @classmethod
+    def build(cls, config: Config, runtime: Runtime) -> "TrainState":
+        """Creates the model, optimizer (with its slots) and step under the strategy's scope.
+
+        The optimizer is built eagerly so that a checkpoint restore finds every slot
+        variable in place, and restoring is just reading values.
+        """
+        with runtime.strategy.scope():
+            model = build_model(config, runtime)
+            optimizer = steps_lib.build_optimizer(config.learning_rate, runtime.precision)
+            optimizer.build(model.trainable_variables)
+            # optimizer.iterations does not advance on float16-skipped steps, so the
+            # clock that places the run in its data is a variable of its own.
+            step = tf.Variable(0, dtype=tf.int64, trainable=False, name="step",
+                               aggregation=tf.VariableAggregation.ONLY_FIRST_REPLICA)
+        return cls(model=model, optimizer=optimizer, step=step)
+
+    def steps(self, config: Config, runtime: Runtime) -> steps_lib.Steps:
+        """The compiled train and eval steps of this state."""
+        return steps_lib.Steps(
+            model=self.model, optimizer=self.optimizer, strategy=runtime.strategy,
+            global_batch=runtime.global_batch, jit_compile=runtime.jit_compile, step=self.step,
+            loss=config.loss)
+
+    def checkpoint(self, *, loss_scale: bool = True) -> tf.train.Checkpoint:
+        """The variables of a checkpoint: the model, Adam, the step, and float16's loss scale.
+
+        Adam is saved under its own name whatever the precision, and the loss scale (if any)
+        beside it, so that a run resumes under another --precision: restores ask for
+        loss_scale=False, then `read_loss_scale`, and a float32 run continued under
+        mixed_float16 starts with a fresh scale.
+        """
+        parts = dict(model=self.model, optimizer=steps_lib.inner_optimizer(self.optimizer),
+                     step=self.step)
+        if loss_scale and isinstance(self.optimizer, keras.optimizers.LossScaleOptimizer):
+            parts["loss_scale"] = self._loss_scale()
+        return tf.train.Checkpoint(**parts)
+
+    def read_loss_scale(self, info: CheckpointInfo) -> None:
+        """Reads the float16 loss scale of a checkpoint, where it has one."""
+        if isinstance(self.optimizer, keras.optimizers.LossScaleOptimizer):
+            checkpoint_lib.restore(tf.train.Checkpoint(loss_scale=self._loss_scale()), info, partial=True)
+
+    def _loss_scale(self) -> tf.train.Checkpoint:
+        return tf.train.Checkpoint(scale=self.optimizer.dynamic_scale,
+                                   counter=self.optimizer.step_counter)
+
+    @property
+    def loss_scale(self) -> float:
+        return float(steps_lib.loss_scale(self.optimizer))
+
+    @property
+    def learning_rate(self) -> float:
+        return float(steps_lib.inner_optimizer(self.optimizer).learning_rate.numpy())
+
+    def set_learning_rate(self, value: float) -> None:
+        steps_lib.inner_optimizer(self.optimizer).learning_rate.assign(value)
+
+
+def resume(state: TrainState, checkpoints: str, cluster: Cluster, *, is_chief: bool) -> CheckpointInfo | None:
+    """Restores, on every worker, the newest checkpoint of the run directory that verifies.
+
+    The chief chooses it and every worker restores that same step from the shared directory, so
+    a damaged newest checkpoint makes them all fall back together; on one process this is just
+    the manager's newest verified checkpoint.
+
+    Returns:
+      The restored checkpoint, or None when the run has none yet.
+
+    Raises:
+      CheckpointError: none verifies, or a worker cannot read the chosen one.
+    """
+    chosen, problem = None, None
+    if is_chief:
+        try:
+            chosen = CheckpointManager(directory=checkpoints).newest_verified()
+        except CheckpointError as e:
+            problem = e
+    # -1: start afresh; -2: the chief found checkpoints but none that verifies.
+    step = cluster.broadcast(-2 if problem else chosen.step if chosen else -1)
+    if step == -2:
+        raise problem or CheckpointError(f"none of the checkpoints in {checkpoints} verifies "
+                                         "(see the chief's log)")
+    if step == -1:
+        return None
+    info, problem = None, None
+    try:
+        info = checkpoint_lib.restore(state.checkpoint(loss_scale=False),
+                                      os.path.join(checkpoints, f"{checkpoint_lib.PREFIX}-{step:09d}"))
+        state.read_loss_scale(info)
+    except CheckpointError as e:
+        problem = e
+    if cluster.any(problem is not None):
+        raise problem or CheckpointError(
+            f"another worker could not read checkpoint step {step} in {checkpoints}: the run "
+            "directory must be one folder that every worker can read")
+    return info
+
+
+def warm_start(state: TrainState, source: str) -> CheckpointInfo:
+    """Reads only the model weights of another run or checkpoint (--restore_from)."""
+    info = checkpoint_lib.find_checkpoint(source)
+    checkpoint_lib.restore(tf.train.Checkpoint(model=state.model), info, partial=True)
+    log.info(f"Warm start: model weights from {info.path}")
+    return info
+
+
+def scratch(run_dir: str, worker: int) -> str:
+    """A non-chief worker's checkpoint folder, emptied at start (a kill -9 leaves it behind)."""
+    digest = hashlib.sha256(os.path.abspath(run_dir).encode(errors="surrogateescape")).hexdigest()[:12]
+    path = os.path.join(tempfile.gettempdir(), f"brainseg-worker{worker}-{digest}")
+    shutil.rmtree(path, ignore_errors=True)
+    return path
+
+
+def run_state(info: CheckpointInfo) -> dict:
+    """The JSON state a checkpoint saved beside its variables, in today's layout.
+
+    Checkpoints written before the schedule and the trainer kept their own state held it under
+    "run": the base rate and the stop reason read as they were; a part-epoch's sums, which
+    lacked their step count, are dropped, so that epoch's record counts the steps after the
+    resume only.
+    """
+    state = dict(info.state)
+    old = state.pop("run", None)
+    if old is not None:
+        state["schedule"] = {"base_lr": old["base_lr"]}
+        state["trainer"] = {"epoch_sums": None}
+        state["policies"] = {"plateau": state.pop("plateau"), "early_stopping": state.pop("early_stopping"),
+                             "stopped": old["stopped"]}
+    return state

@@ -1,0 +1,267 @@
+"""`--mode=train`: one model or K fold members, each in phases: open the run, load the data and its
+split, build the state, restore it, run the controller, finish; then the run's inference record."""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import math
+import os
+import shutil
+
+import numpy as np
+import tensorflow as tf
+
+from data import pipeline
+from engine import actions, inputs, postprocessing
+from engine import state as state_lib
+from engine.checkpoint import CheckpointManager, restore
+from engine.cluster import Cluster
+from engine.config import HPARAM_FIELDS, LOCAL_FIELDS, Config
+from engine.controller import Controller, StopRequest
+from engine.policies import EarlyStopping, ReduceLROnPlateau
+from engine.rundir import FINAL_MODEL, MEMBERS, RunDir
+from engine.runtime import Runtime
+from engine.schedule import Schedule
+from engine.summaries import SummaryWriter
+from engine.trainer import Trainer
+
+log = logging.getLogger(__name__)
+
+
+def run(config: Config, runtime: Runtime) -> dict:
+    """Trains the run's members and records the inference evaluate, predict and export apply.
+
+    With --ensemble=K (K >= 2) the patients outside the test split are cut into K folds (by
+    --seed) and member k trains on all of them but fold k, in <run_dir>/members/<k>; each member
+    is a run of its own, resumed where it stopped. The members' predictions on their own
+    held-out fold (out-of-fold, as nnU-Net's cross-validation) choose the post-processing. With
+    one model, its validation patients choose it, if there are any.
+
+    Returns:
+      The last member's training summary, with "inference" (the recorded spec) when it finished.
+    """
+    cluster = Cluster(runtime.strategy, num_workers=runtime.num_workers, worker_index=runtime.worker_index)
+    # From the start, so that a signal while the data loads still ends in a save, not a kill.
+    with StopRequest() as stop, _open(config, runtime, cluster) as run_dir:
+        if config.ensemble < 2:
+            summary = train_model(config, runtime, run_dir, cluster, stop)
+            val = summary.pop("data").part("val")
+            held_out, members = ([(FINAL_MODEL, val)] if val.records else []), [FINAL_MODEL]
+        else:
+            summary, held_out, members = _train_members(config, runtime, run_dir, cluster, stop)
+        if summary["stopped"] in ("SIGTERM", "SIGINT") or not runtime.is_chief:
+            return summary
+        return {**summary, "inference": postprocessing.record(config, run_dir, held_out, members=members)}
+
+
+def _open(config: Config, runtime: Runtime, cluster: Cluster) -> RunDir:
+    """The run directory, locked and checked by the chief, with flags every worker shares."""
+    run_dir = cluster.together("open the run directory",
+                               lambda: RunDir(config.run_dir, writer=runtime.is_chief).open(config))
+    cluster.check_same("flags", {k: v for k, v in config.to_dict().items() if k not in LOCAL_FIELDS})
+    return run_dir
+
+
+def _train_members(config: Config, runtime: Runtime, top: RunDir, cluster: Cluster, stop: StopRequest):
+    """Trains the K fold members; returns the last summary, the held-out folds and the members."""
+    data = cluster.together("load the data", lambda: _load_data(config, top, None))
+    members, held_out, summary = [], [], {}
+    for k, fold in enumerate(member_folds(data.split["train"] + data.split["val"], config.ensemble,
+                                          seed=config.seed)):
+        split = {"train": sorted(set(data.split["train"] + data.split["val"]) - set(fold)), "val": fold,
+                 "test": data.split["test"]}
+        log.info(f"Member {k + 1} of {config.ensemble}: {len(split['train'])} training patients, "
+                 f"{len(fold)} held out for the post-processing")
+        member_config = dataclasses.replace(config, model_dir=os.path.join(config.run_dir, MEMBERS, str(k)),
+                                            ensemble=0, num_folds=0, fold=0, overwrite=False)
+        with _open(member_config, runtime, cluster) as member:
+            summary = train_model(member_config, runtime, member, cluster, stop,
+                                  split=(split, {"ensemble_member": k}))
+        summary.pop("data")
+        if summary["stopped"] in ("SIGTERM", "SIGINT"):
+            break
+        members.append(os.path.join(MEMBERS, str(k), FINAL_MODEL))
+        held_out.append((members[-1], data.dataset.subset(fold)))
+    return summary, held_out, members
+
+
+def member_folds(patients: list[str], k: int, *, seed: int) -> list[list[str]]:
+    """K disjoint folds of the patients, cut by the seed."""
+    pool = sorted(patients)
+    order = [pool[i] for i in np.random.RandomState(seed).permutation(len(pool))]
+    return [sorted(order[i] for i in chunk) for chunk in np.array_split(np.arange(len(pool)), k)]
+
+
+def train_model(config: Config, runtime: Runtime, run_dir: RunDir, cluster: Cluster, stop: StopRequest, *,
+                split: tuple[dict, dict] | None = None) -> dict:
+    """Trains one model to --epochs or an early stop, resuming from its run directory if it can.
+
+    Args:
+      config: the model's flags.
+      runtime: the resolved device policy.
+      run_dir: its open run directory.
+      cluster: what the workers agree through (nothing on one process).
+      stop: the signal a run saves and ends on.
+      split: (a split, extra split.json fields) to record for a run that has none (an ensemble
+        member's); None makes the split from the flags.
+
+    Returns:
+      A summary: final step, epoch, best metric, why training ended ("finished", an
+      early-stopping reason, or the name of the signal that interrupted it), and the data.
+
+    Raises:
+      RunDirError, DataError, CheckpointError: a user-facing problem, named.
+      NonFiniteLossError: the loss went NaN; the last good checkpoint is intact.
+    """
+    data = cluster.together("load the data", lambda: _load_data(config, run_dir, split))
+    cluster.check_same("patients or split", data.split)
+    state = state_lib.TrainState.build(config, runtime)
+    wired = _wire(config, runtime, run_dir, data, state, cluster)
+    restored = _restore(config, runtime, run_dir, cluster, state, wired)
+    try:
+        signal_name = wired.controller.run(stop)
+    finally:
+        if not runtime.is_chief:  # its copies of the checkpoints were only there to take part
+            shutil.rmtree(wired.checkpointer.manager.directory, ignore_errors=True)
+    step, per_epoch = wired.trainer.step, wired.trainer.steps_per_epoch
+    summary = {"step": step, "epoch": step // per_epoch, "data": data, "restored": restored is not None,
+               "traces": {**wired.steps.traces, "predict": wired.overlays.predictor.traces}}
+    if signal_name:
+        wired.writer.close()
+        log.info(f"{stop.signal_name or 'A signal to another worker'} received: saved a checkpoint at "
+                 f"step {step} ({_where(step, per_epoch)}); exiting. Run the same command to resume.")
+        return {**summary, "stopped": signal_name}
+    summary.update(finish(config, state, wired, run_dir), stopped=wired.policies.stopped or "finished")
+    log.info(f"Training ended ({summary['stopped']}) at step {step}, epoch {step // per_epoch}.")
+    return summary
+
+
+def _where(step: int, per_epoch: int) -> str:
+    epoch, offset = divmod(step, per_epoch)
+    return f"{offset}/{per_epoch} steps into epoch {epoch + 1}" if offset else f"end of epoch {epoch}"
+
+
+def _load_data(config: Config, run: RunDir, split: tuple[dict, dict] | None) -> inputs.SplitData:
+    """The dataset and the run's split, recorded in split.json the first time."""
+    if split is not None and run.read_split() is None:
+        inputs.write_split(run, config, split[0], **split[1])
+    data = inputs.load_split(config, run, create=True)
+    if run.read_split() is None:
+        inputs.write_split(run, config, data.split)
+    return data
+
+
+@dataclasses.dataclass
+class Wired:
+    """The pieces of one model's training, as _wire connects them."""
+
+    steps: object
+    trainer: Trainer
+    schedule: Schedule
+    policies: actions.Policies
+    checkpointer: actions.Checkpointer
+    overlays: actions.Overlays
+    writer: SummaryWriter
+    controller: Controller
+
+
+def _wire(config: Config, runtime: Runtime, run: RunDir, data: inputs.SplitData,
+          state: state_lib.TrainState, cluster: Cluster) -> Wired:
+    """The trainer, the policies and every action, given to one controller."""
+    train_set, val_set = (inputs.model_data(data.part(p), config) for p in ("train", "val"))
+    log.info(f"Split: {len(data.split['train'])} train / {len(data.split['val'])} val / "
+             f"{len(data.split['test'])} test patients; {len(train_set.records)} train slices, "
+             f"{len(val_set.records)} val slices")
+    steps = state.steps(config, runtime)
+    per_epoch = pipeline.train_batches_per_epoch(len(train_set.records), runtime.global_batch)
+    schedule = Schedule(base_lr=config.learning_rate, warmup_steps=int(config.warmup_epochs * per_epoch),
+                        total_steps=per_epoch * config.epochs, min_lr=config.min_lr,
+                        cosine=config.lr_schedule == "cosine")
+    trainer = Trainer(state=state, steps=steps, strategy=runtime.strategy, data=train_set,
+                      schedule=schedule, global_batch=runtime.global_batch, image_size=config.image_size,
+                      seed=config.seed, augment=config.augmentation,
+                      positive_fraction=config.positive_fraction, checkpoints=run.checkpoints)
+    policies = actions.Policies(
+        monitor=config.monitor, schedule=schedule, lower_lr=config.lr_schedule == "plateau",
+        plateau=ReduceLROnPlateau(mode=config.monitor_mode, factor=config.plateau_factor,
+                                  patience=config.plateau_patience, min_delta=config.plateau_min_delta,
+                                  cooldown=config.plateau_cooldown, min_lr=config.min_lr),
+        stopper=EarlyStopping(mode=config.monitor_mode, patience=config.early_stopping_patience,
+                              min_delta=config.early_stopping_min_delta))
+    # Every worker takes part in each save; a non-chief writes its copy to scratch that goes.
+    directory = run.checkpoints if runtime.is_chief else state_lib.scratch(run.path, runtime.worker_index)
+    manager = CheckpointManager(directory=directory, keep=config.keep_checkpoints,
+                                monitor=config.monitor, mode=config.monitor_mode)
+    checkpointer = actions.Checkpointer(manager, state.checkpoint(), per_epoch,
+                                        {"policies": policies, "schedule": schedule, "trainer": trainer},
+                                        runtime.precision)
+    writer = SummaryWriter(run.summaries)
+    overlays = actions.Overlays(model=state.model, data=val_set, count=config.num_overlays if runtime.is_chief else 0,
+                                image_size=config.image_size, writer=writer, every=config.overlay_every,
+                                epochs=config.epochs)
+    progress = actions.Progress(config.progress, steps_per_epoch=per_epoch, global_batch=runtime.global_batch)
+    report = actions.EpochReport(append=run.append_history, epochs=config.epochs,
+                                 images_per_epoch=per_epoch * runtime.global_batch,
+                                 learning_rate=lambda: state.learning_rate)
+    controller = Controller(
+        trainer=trainer, epochs=config.epochs, steps_per_execution=config.steps_per_execution,
+        log_every=config.log_every, checkpoint_every=config.checkpoint_every_steps,
+        eval_every=config.eval_every, save=checkpointer,
+        evaluate=actions.Evaluate(steps=steps, strategy=runtime.strategy, data=val_set,
+                                  batch_size=config.eval_batch * runtime.replicas, image_size=config.image_size),
+        train_actions=[progress],
+        log_actions=[actions.TrainScalars(writer=writer, global_batch=runtime.global_batch,
+                                          learning_rate=lambda: state.learning_rate,
+                                          loss_scale=lambda: state.loss_scale)],
+        eval_actions=[progress.end, policies, report, actions.ValScalars(writer), overlays],
+        stop_reason=lambda: policies.stopped, agree_stop=cluster.any)
+    return Wired(steps, trainer, schedule, policies, checkpointer, overlays, writer, controller)
+
+
+def _restore(config: Config, runtime: Runtime, run: RunDir, cluster: Cluster,
+             state: state_lib.TrainState, wired: Wired):
+    """Resumes the run from its newest checkpoint that verifies, or warm-starts it (--restore_from)."""
+    if runtime.is_chief:
+        for path in wired.checkpointer.manager.remove_temporaries():
+            log.info(f"Removed a partial checkpoint left by a crash: {path}")
+    restored = state_lib.resume(state, run.checkpoints, cluster, is_chief=runtime.is_chief)
+    if restored is not None:
+        saved = state_lib.run_state(restored)
+        wired.checkpointer.restore(saved)
+        run.truncate_history(restored.epoch)
+        log.info(f"Resumed from {restored.path} (step {restored.step}, epoch {restored.epoch})")
+        previous = saved.get("precision", runtime.precision)
+        if previous != runtime.precision:
+            log.info(f"The run was trained in {previous} so far; it continues in {runtime.precision}"
+                     + (" with a fresh float16 loss scale" if runtime.precision == "mixed_float16" else ""))
+    else:
+        if config.restore_from:
+            state_lib.warm_start(state, config.restore_from)
+        wired.writer.text(0, "config", "```\n" + config.to_json() + "\n```")
+        wired.writer.text(0, "runtime", runtime.describe())
+    trainer, total = wired.trainer, wired.trainer.steps_per_epoch * config.epochs
+    # An older final model would outlive this run if it were interrupted: evaluate would score
+    # stale weights. It is written again when the run finishes.
+    if trainer.step < total and wired.policies.stopped is None and run.remove(FINAL_MODEL):
+        log.info(f"Removed {run.final_model} of the run so far: the run goes on past it, and "
+                 "writes it again when it finishes")
+    log.info(f"Training from step {trainer.step} (epoch {trainer.step // trainer.steps_per_epoch}) "
+             f"to {total} steps: {trainer.steps_per_epoch} steps/epoch, global batch {runtime.global_batch}")
+    return restored
+
+
+def finish(config: Config, state: state_lib.TrainState, wired: Wired, run: RunDir) -> dict:
+    """Restores the best weights if asked, writes the final model and the hparams summary."""
+    best = wired.checkpointer.manager.best()
+    if config.restore_best_weights and best is not None:
+        restore(tf.train.Checkpoint(model=state.model), best, partial=True)
+        log.info(f"Restored the best weights: {best.name} ({config.monitor} "
+                 f"{best.metrics.get(config.monitor, float('nan')):.4f}, epoch {best.epoch})")
+    final_path = run.write(FINAL_MODEL, lambda tmp: state.model.save(tmp))
+    best_metrics = best.metrics if best is not None else {}
+    wired.writer.hparams(wired.trainer.step, {k: getattr(config, k) for k in HPARAM_FIELDS}, {
+        "hparams/val_dice": best_metrics.get("val_dice", math.nan),
+        "hparams/val_loss": best_metrics.get("val_loss", math.nan)})
+    wired.writer.close()
+    return {"final_model": final_path, "best": best.name if best else None, "best_metrics": best_metrics}
