@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import logging
 import math
@@ -13,6 +14,7 @@ import keras
 import numpy as np
 import tensorflow as tf
 
+from data import volume
 from engine import inputs, roofline
 from engine import state as state_lib
 from engine import steps as steps_lib
@@ -143,7 +145,8 @@ def _synthetic_arrays(config: Config, batch: int, count: int) -> dict[str, np.nd
     """`count` batches of noise images, half with a bright disc lesion; float32 like the pipeline's."""
     rng = np.random.default_rng(config.seed)
     n, s = batch * count, config.image_size
-    images = rng.uniform(0.0, 0.6, (n, s, s, 3)).astype(np.float32)
+    # As many channels as the model reads: pre-contrast, FLAIR, post-contrast and the neighbours'.
+    images = rng.uniform(0.0, 0.6, (n, s, s, volume.channels(config.neighbours))).astype(np.float32)
     yy, xx = np.mgrid[:s, :s]
     cy, cx = rng.uniform(0.25 * s, 0.75 * s, (2, n, 1, 1))
     radius = rng.uniform(0.03 * s, 0.15 * s, (n, 1, 1)) * (np.arange(n) % 2 == 0)[:, None, None]
@@ -186,7 +189,7 @@ def pipeline_datasets(config: Config, runtime: Runtime, eval_batch: int) -> tupl
     """
     from data import pipeline
 
-    data = inputs.load_dataset(config)
+    data = inputs.model_data(inputs.load_dataset(config), config)  # standardised, with neighbours
     if pipeline.train_batches_per_epoch(len(data.records), runtime.global_batch) == 0:
         from data.lgg import DataError
         raise DataError(f"{config.data_dir} has {len(data.records)} slices, fewer than one global "
@@ -377,7 +380,8 @@ def run(config: Config, runtime: Runtime) -> dict:
     """
     os.makedirs(config.run_dir, exist_ok=True)
     size = unet.unet_size(image_size=config.image_size, base_filters=config.base_filters,
-                          depth=config.depth, batch_norm=config.batch_norm)
+                          depth=config.depth, batch_norm=config.batch_norm,
+                          in_channels=volume.channels(config.neighbours))
     eval_batch = config.eval_batch * runtime.replicas
     # The data first: a bad --data_dir fails before any time is spent measuring.
     if config.benchmark_data == "pipeline":
@@ -420,6 +424,9 @@ def run(config: Config, runtime: Runtime) -> dict:
         # that another process slowed down.
         report["engine_vs_fit_median"] = float(
             np.median(fit.step_seconds) / np.median(train.step_seconds))
+    if config.benchmark_compare_precision:
+        report["precisions"] = compare_precisions(config, runtime, make_train_ds, eval_ds, eval_batch,
+                                                  forward_flops=size.forward_flops_per_image)
     if config.benchmark_profile:
         report["profile_dir"] = profile(steps, iterator, config.run_dir, calls=3,
                                         per_call=config.steps_per_execution)
@@ -427,6 +434,79 @@ def run(config: Config, runtime: Runtime) -> dict:
     for line in table(report, config, runtime).splitlines():
         log.info(line)
     return report
+
+
+def other_precision(runtime: Runtime) -> str:
+    """The precision a run's own is compared with: float32 against this device's mixed one."""
+    if runtime.precision != "float32":
+        return "float32"
+    return "mixed_float16" if runtime.gpus else "mixed_bfloat16"
+
+
+@contextlib.contextmanager
+def _policy(name: str):
+    """Keras' global precision policy set to `name` while models are built, then put back."""
+    previous = keras.mixed_precision.global_policy()
+    keras.mixed_precision.set_global_policy(name)
+    try:
+        yield
+    finally:
+        keras.mixed_precision.set_global_policy(previous)
+
+
+def compare_precisions(config: Config, runtime: Runtime, make_train_ds, eval_ds, eval_batch: int, *,
+                       forward_flops: int) -> dict:
+    """The run's precision against the other one, train and eval calls alternating one by one.
+
+    Each precision gets its own model (Keras fixes a layer's dtype when it is built), its own
+    compiled steps and its own conv probe to measure utilisation against; alternating the timed
+    calls makes a change in the machine's load hit both alike.
+
+    Returns:
+      {precision: {"compute_dtype", train figures, "eval": figures, "peak_source"},
+       "speedup": {"train", "eval"}: float32's median step time over the mixed precision's}.
+    """
+    variants = {}
+    for precision in (runtime.precision, other_precision(runtime)):
+        with _policy(precision):
+            rt = dataclasses.replace(runtime, precision=precision)
+            state = state_lib.TrainState.build(config, rt)
+            steps = state.steps(config, rt)
+            compute = state.model.get_layer("enc0_conv1").compute_dtype  # what the layers run in
+            variants[precision] = dict(
+                steps=steps, compute=compute, peak=measure_peak(rt, compute),
+                train=iter(runtime.strategy.experimental_distribute_dataset(make_train_ds())),
+                eval=next(iter(runtime.strategy.experimental_distribute_dataset(eval_ds))))
+    per_call = config.steps_per_execution
+    timed = {p: {"train": [], "eval": []} for p in variants}
+    firsts = {}
+    for call in range(_calls(config.benchmark_warmup, per_call) + _calls(config.benchmark_steps, per_call)):
+        for p, v in variants.items():  # one call of each, in turn
+            train = time_train_calls(v["steps"], v["train"], calls=1, per_call=per_call)
+            evaluation = time_eval_calls(v["steps"], v["eval"], calls=1)
+            if call == 0:
+                firsts[p] = (train[0][0] * per_call, evaluation[0][0])
+            if call >= _calls(config.benchmark_warmup, per_call):
+                timed[p]["train"] += train
+                timed[p]["eval"] += evaluation
+    report = {}
+    for p, v in variants.items():
+        train = Timing(tuple(timed[p]["train"]), firsts[p][0], per_call, runtime.global_batch)
+        evaluation = Timing(tuple(timed[p]["eval"]), firsts[p][1], 1, eval_batch)
+        report[p] = {"compute_dtype": v["compute"], "peak_source": v["peak"].source,
+                     "traces": dict(v["steps"].traces),
+                     **train.figures(3 * forward_flops * runtime.global_batch, v["peak"]),
+                     "eval": evaluation.figures(forward_flops * eval_batch, v["peak"])}
+    mixed = next(p for p in variants if p != "float32")
+    report["speedup"] = {
+        phase: float(median(report["float32"], phase) / median(report[mixed], phase))
+        for phase in ("train", "eval")}
+    report["speedup"]["of"] = f"{mixed} over float32 (median step times)"
+    return report
+
+
+def median(figures: dict, phase: str) -> float:
+    return (figures if phase == "train" else figures["eval"])["step_time_ms_median"]
 
 
 def profile(steps: steps_lib.Steps, iterator, run_dir: str, *, calls: int, per_call: int) -> str:
@@ -454,6 +534,10 @@ def table(report: dict, config: Config, runtime: Runtime) -> str:
     if "fit" in report:
         columns.append(("train (fit)", report["fit"]))
     columns.append(("eval (engine)", report["eval"]))
+    for precision, figures in report.get("precisions", {}).items():
+        if precision != "speedup":
+            short = precision.replace("mixed_", "")
+            columns += [(f"train {short}", figures), (f"eval {short}", figures["eval"])]
 
     def fmt(value, spec):
         return "n/a" if value is None else format(value, spec)
@@ -485,6 +569,10 @@ def table(report: dict, config: Config, runtime: Runtime) -> str:
         cells = [fmt(None if col.get(key) is None else col[key] * scale, spec)
                  for _, col in columns]
         lines.append(label.ljust(width) + "".join(c.rjust(width) for c in cells))
+    if "precisions" in report:
+        speedup = report["precisions"]["speedup"]
+        lines.append(f"{speedup['of']}: train {speedup['train']:.2f}x, eval {speedup['eval']:.2f}x "
+                     "(calls alternating one by one)")
     if "engine_vs_fit" in report:
         lines.append(f"engine/fit images/s: {report['engine_vs_fit']:.3f}x "
                      f"(from median step times: {report['engine_vs_fit_median']:.3f}x)")

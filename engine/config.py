@@ -241,6 +241,10 @@ class Config:
     benchmark_steps: int = _field(20, "Timed steps.", _at_least(1, 100000))
     benchmark_compare_fit: bool = _field(False, "Also time Keras compile()/fit() on the same batches and "
                                          "report the ratio.")
+    benchmark_compare_precision: bool = _field(False, "Also time the other precision of this device "
+                                               "(float32 against mixed_bfloat16 on a CPU, mixed_float16 on "
+                                               "a GPU), calls alternating with the run's own, and report "
+                                               "the speed-up.")
     benchmark_profile: bool = _field(False, "Capture a TensorFlow profiler trace of the timed steps into "
                                      "the run directory.")
 

@@ -220,7 +220,27 @@ def load_model(path: str, *, build=None) -> tuple[keras.Model, str]:
         raise CheckpointError(f"{path} is damaged and could not be loaded ({type(e).__name__}: "
                               f"{str(e).splitlines()[0][:200]})") from None
     log.info(f"Model from {path}")
-    return model, path
+    return in_global_precision(model), path
+
+
+def in_global_precision(model: keras.Model) -> keras.Model:
+    """The model computing in the global precision policy (the run's --precision, resolved).
+
+    A .keras file keeps the policy it was trained in; predict and evaluate run in the precision
+    chosen for this machine instead, so the model is rebuilt from its config with that policy
+    (the logits stay float32, as models/unet.py builds them) and given the same weights.
+    """
+    policy = keras.mixed_precision.global_policy().name
+    layers = [layer for layer in model.layers if layer.name != "logits" and layer.weights]
+    if policy == "float64" or all(layer.dtype_policy.name == policy for layer in layers):
+        return model
+    config = model.get_config()
+    for layer in config["layers"]:
+        if layer["class_name"] != "InputLayer" and layer["config"].get("name") != "logits":
+            layer["config"]["dtype"] = policy
+    rebuilt = keras.Model.from_config(config)
+    rebuilt.set_weights(model.get_weights())
+    return rebuilt
 
 
 def read_spec(run_dir: str) -> InferenceSpec | None:

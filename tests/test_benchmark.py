@@ -42,10 +42,12 @@ def _check_phase(phase: dict, *, forward_flops: int, multiplier: int, batch: int
 
 @pytest.mark.slow
 def test_benchmark_synthetic_with_fit_and_profile(tmp_path):
+    # 2.5D with a standardised volume: the model reads 5 channels, and so must the benchmark's batches.
     report, stdout, config = _run_benchmark(tmp_path, benchmark_steps=4, benchmark_compare_fit=True,
-                                            benchmark_profile=True)
+                                            benchmark_profile=True, benchmark_compare_precision=True,
+                                            neighbours=1, normalize="volume")
     forward = unet.unet_size(image_size=config.image_size, base_filters=config.base_filters,
-                             depth=config.depth).forward_flops_per_image
+                             depth=config.depth, in_channels=5).forward_flops_per_image
     assert report["forward_flops_per_image"] == forward
     assert report["data"] == "synthetic"
     _check_phase(report, forward_flops=forward, multiplier=3, batch=config.batch_size, steps=4)
@@ -65,6 +67,17 @@ def test_benchmark_synthetic_with_fit_and_profile(tmp_path):
     assert "engine/fit images/s:" in stdout and "utilisation %" in stdout
     traces = [os.path.join(d, f) for d, _, files in os.walk(report["profile_dir"]) for f in files]
     assert any(f.endswith(".xplane.pb") for f in traces), traces
+    # Both precisions, each in its own model, compiled once, timed as long, probed in its own dtype.
+    both = report["precisions"]
+    assert {p: both[p]["compute_dtype"] for p in ("float32", "mixed_bfloat16")} == {
+        "float32": "float32", "mixed_bfloat16": "bfloat16"}
+    for precision, dtype in (("float32", "float32"), ("mixed_bfloat16", "bfloat16")):
+        assert both[precision]["traces"] == {"train": 1, "eval": 1}
+        assert f", {dtype}, best of" in both[precision]["peak_source"]
+        _check_phase(both[precision], forward_flops=forward, multiplier=3, batch=config.batch_size, steps=4)
+    assert both["speedup"]["train"] == pytest.approx(
+        both["float32"]["step_time_ms_median"] / both["mixed_bfloat16"]["step_time_ms_median"])
+    assert "mixed_bfloat16 over float32 (median step times): train" in stdout
 
 
 @pytest.mark.slow
@@ -146,7 +159,8 @@ def test_gpu_peak_scales_with_replicas_and_unknown_gpus_have_none(caplog):
     from engine import benchmark
     from engine.runtime import Runtime
 
-    gpu = Runtime(strategy=tf.distribute.get_strategy(), precision="mixed_float16", jit_compile=True,
+    gpu = Runtime(strategy=tf.distribute.get_strategy(), precision="mixed_float16", precision_reason="test",
+                  jit_compile=True,
                   replicas=2, per_replica_batch=8, global_batch=16, device="GPU: 2x H100",
                   gpus=("NVIDIA H100 80GB HBM3", "NVIDIA H100 80GB HBM3"), intra_threads=0,
                   inter_threads=0, is_chief=True, worker_index=0, num_workers=1, sync_batch_norm=True)

@@ -10,7 +10,7 @@ import tensorflow as tf
 from engine import steps as steps_lib
 from engine.state import TrainState
 from engine.config import Config
-from engine.runtime import Runtime, resolve_jit, resolve_precision
+from engine.runtime import Runtime, cpu_flags, resolve_jit, resolve_precision
 
 
 @pytest.fixture
@@ -24,7 +24,7 @@ def policy():
 
 def _runtime(precision):
     strategy = tf.distribute.OneDeviceStrategy("/cpu:0")
-    return Runtime(strategy=strategy, precision=precision, jit_compile=False, replicas=1,
+    return Runtime(strategy=strategy, precision=precision, precision_reason="test", jit_compile=False, replicas=1,
                    per_replica_batch=4, global_batch=4, device="CPU", gpus=(), intra_threads=0,
                    inter_threads=0, is_chief=True, worker_index=0, num_workers=1,
                    sync_batch_norm=False)
@@ -48,10 +48,35 @@ def _setup(precision, policy):
     return state, state.steps(config, rt)
 
 
-def test_auto_policy_is_decided_by_the_hardware():
-    assert resolve_precision("auto", has_gpu=True) == "mixed_float16"
-    assert resolve_precision("auto", has_gpu=False) == "float32"
-    assert resolve_precision("mixed_bfloat16", has_gpu=False) == "mixed_bfloat16"
+# /proc/cpuinfo flags of CPUs measured (BUILD.md "Precision on CPU"), trimmed to what decides.
+AMX_XEON = frozenset("avx2 avx512f avx512_bf16 amx_bf16 amx_tile amx_int8".split())
+BF16_NO_AMX = frozenset("avx2 avx512f avx512_bf16".split())
+PLAIN = frozenset("sse4_2 avx2 fma".split())
+
+
+def test_auto_precision_follows_the_cpu_flags():
+    assert resolve_precision("auto", has_gpu=False, flags=AMX_XEON)[0] == "mixed_bfloat16"
+    assert "AMX" in resolve_precision("auto", has_gpu=False, flags=AMX_XEON)[1]
+    # bfloat16 without AMX ran slower than float32: auto keeps float32 there, and on every other CPU.
+    assert resolve_precision("auto", has_gpu=False, flags=BF16_NO_AMX)[0] == "float32"
+    assert resolve_precision("auto", has_gpu=False, flags=PLAIN)[0] == "float32"
+    assert resolve_precision("auto", has_gpu=False, flags=frozenset({"amx_tile"}))[0] == "float32"
+    assert resolve_precision("auto", has_gpu=True, flags=AMX_XEON)[0] == "mixed_float16"
+    # An export is served elsewhere; a precision that is asked for is taken as it is.
+    assert resolve_precision("auto", has_gpu=False, flags=AMX_XEON, mode="export")[0] == "float32"
+    assert resolve_precision("mixed_bfloat16", has_gpu=False, flags=PLAIN) == (
+        "mixed_bfloat16", "--precision=mixed_bfloat16")
+
+
+def test_cpu_flags_are_read_from_cpuinfo(tmp_path):
+    cpuinfo = tmp_path / "cpuinfo"
+    cpuinfo.write_text("processor\t: 0\nmodel name\t: Xeon\nflags\t\t: fpu avx2 amx_tile amx_bf16\n\n"
+                       "processor\t: 1\nflags\t\t: fpu avx2 amx_tile amx_bf16\n")
+    assert cpu_flags(str(cpuinfo)) == {"fpu", "avx2", "amx_tile", "amx_bf16"}
+    assert cpu_flags(str(tmp_path / "missing")) == frozenset()
+
+
+def test_auto_jit_is_decided_by_the_hardware():
     assert resolve_jit("auto", has_gpu=True) is True
     assert resolve_jit("auto", has_gpu=False) is False
     assert resolve_jit("true", has_gpu=False) is True
@@ -93,3 +118,22 @@ def test_float16_scales_the_loss_and_counts_skipped_steps(policy):
     for b, w in zip(before, state.model.trainable_weights):
         np.testing.assert_array_equal(b, w.numpy())
     assert int(state.step.numpy()) == 2  # The run's clock still advanced past the batch.
+
+
+def test_a_saved_model_predicts_in_the_precision_chosen_for_the_machine(tmp_path, policy):
+    from engine.inference import load_model
+    from models.unet import build_unet
+
+    policy("float32")
+    trained = build_unet(image_size=32, base_filters=4, depth=2)
+    trained.save(tmp_path / "final_model.keras")
+    x = np.random.default_rng(0).uniform(size=(2, 32, 32, 3)).astype(np.float32)
+    policy("mixed_bfloat16")  # what resolve() sets on a CPU with AMX
+    loaded, _ = load_model(str(tmp_path / "final_model.keras"))
+    assert loaded.get_layer("enc0_conv1").compute_dtype == "bfloat16"
+    assert loaded.get_layer("logits").compute_dtype == "float32" and loaded.output.dtype == "float32"
+    difference = np.abs(loaded(x).numpy() - trained(x).numpy()).max()
+    assert 0 < difference < 0.05  # the same weights, computed in bfloat16
+    policy("float32")
+    again, _ = load_model(str(tmp_path / "final_model.keras"))
+    np.testing.assert_array_equal(again(x).numpy(), trained(x).numpy())
