@@ -10,13 +10,14 @@ import logging
 import os
 import pathlib
 import struct
-import tempfile
 import zlib
 
 import numpy as np
 import tifffile
 
 from data.lgg import Problem, SliceRecord
+# The one atomic write (engine/atomic.py imports nothing of the project).
+from engine import atomic
 
 SLICE_SHAPE = (256, 256)
 IMAGE_SHAPE = SLICE_SHAPE + (3,)
@@ -177,7 +178,7 @@ def _array_views(arrays) -> list[memoryview]:
 
 
 def _write_cache(path: pathlib.Path, key: str, records, decoded: Decoded, bad: list[int]) -> None:
-    """Writes the cache atomically: a temp file in the same folder, then os.replace."""
+    """Writes the cache atomically (engine/atomic.py), never fsynced."""
     views = _array_views([decoded.images, decoded.masks])
     with concurrent.futures.ThreadPoolExecutor(max_workers=2) as pool:
         crcs = list(pool.map(zlib.crc32, views))
@@ -192,19 +193,17 @@ def _write_cache(path: pathlib.Path, key: str, records, decoded: Decoded, bad: l
         "crc32": crcs,
     }).encode()
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=path.name + ".", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
+
+    def write(tmp: str) -> None:
+        with open(tmp, "wb") as f:
             f.write(_PREAMBLE.pack(CACHE_MAGIC, len(header), zlib.crc32(header)))
             f.write(header)
             for v in views:
                 f.write(v)
-        # No fsync: a crash may leave a renamed but partial file, which the size check and checksums
-        # reject on the next load; fsyncing 1 GB would cost more than an occasional rebuild.
-        os.replace(tmp, path)
-    except BaseException:
-        pathlib.Path(tmp).unlink(missing_ok=True)
-        raise
+
+    # Not durable: a crash may leave a renamed but partial file, which the size check and checksums
+    # reject on the next load; fsyncing 1 GB would cost more than an occasional rebuild.
+    atomic.atomic_write(str(path), write, durable=False)
 
 
 def _read_cache(path: pathlib.Path, key: str, records) -> Decoded | None:

@@ -14,6 +14,9 @@ import sys
 import time
 
 import numpy as np
+
+# The one atomic write (engine/atomic.py imports nothing of the project).
+from engine import atomic
 import threadpoolctl
 import tifffile
 
@@ -473,8 +476,7 @@ def write_dataset(
     plan = _patients(patients, seed)
     # A sibling folder (same file system, so the rename is atomic) with the
     # default permissions, unlike tempfile.mkdtemp's 0700.
-    tmp = root.parent / f".kaggle_3m-{os.getpid()}-{time.time_ns()}"
-    tmp.mkdir()
+    tmp = pathlib.Path(atomic.temporary_dir(str(root)))
     try:
         workers = min(workers or os.cpu_count() or 1, patients)
         if workers == 1:
@@ -489,7 +491,7 @@ def write_dataset(
                 areas = list(pool.map(_write_patient, order, [tmp] * len(order)))
         lines = [CSV_HEADER] + _csv_rows(plan, seed)
         pathlib.Path(tmp, "data.csv").write_text("\n".join(lines) + "\n")
-        os.rename(tmp, root)
+        atomic.swap_in_dir(str(tmp), str(root))
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise

@@ -1,14 +1,17 @@
-"""The one atomic write: a temporary file beside the target, fsynced, then renamed over it."""
+"""The one atomic write of a file or a folder: a temporary beside the target, fsynced, then renamed into place."""
 
 from __future__ import annotations
 
 import json
 import os
+import shutil
 import tempfile
 from typing import Callable
 
-# Temporary names start with this, so cleaners (the checkpoint manager, --overwrite) know them.
-TMP_PREFIX = ".tmp-"
+# Temporary names start with these, so cleaners (the checkpoint manager, export, --overwrite) know
+# them: a write in progress, a folder moved aside while its replacement goes in, a folder being
+# deleted. Each ends in "-<pid>" of the process that made it.
+TMP_PREFIX, OLD_PREFIX, DEL_PREFIX = ".tmp-", ".old-", ".del-"
 
 
 def fsync_dir(path: str) -> None:
@@ -88,3 +91,84 @@ def read_json_object(path: str, error: type[Exception], advice: str, *, object_o
 def atomic_write_json(path: str, payload) -> str:
     """atomic_write of a JSON document (sorted keys, indented)."""
     return atomic_write(path, json.dumps(payload, indent=2, sort_keys=True) + "\n")
+
+
+def temporary_dir(final: str) -> str:
+    """A new empty folder beside `final` (same file system, so renaming it into place is atomic)."""
+    parent = os.path.dirname(os.path.abspath(final))
+    path = os.path.join(parent, f"{TMP_PREFIX}{os.path.basename(final)}-{os.getpid()}")
+    if os.path.exists(path):
+        shutil.rmtree(path)
+    os.mkdir(path)
+    return path
+
+
+def swap_in_dir(tmp: str, final: str) -> str:
+    """Puts the finished folder `tmp` at `final`, replacing a folder already there.
+
+    The old folder is renamed aside (`.old-<name>-<pid>`) and deleted only once the new one is in
+    place, so a crash leaves the new folder, or the old one (or its moved-aside copy, which
+    `recover_dirs` puts back); never a half-written one.
+
+    Raises:
+      OSError: a rename failed; the old folder is put back where it can be.
+    """
+    parent = os.path.dirname(os.path.abspath(final))
+    old = os.path.join(parent, f"{OLD_PREFIX}{os.path.basename(final)}-{os.getpid()}")
+    fsync_dir(tmp)
+    moved = os.path.exists(final)
+    if moved:
+        os.replace(final, old)
+    try:
+        os.replace(tmp, final)
+    except BaseException:
+        if moved and not os.path.exists(final):
+            os.replace(old, final)
+        raise
+    fsync_dir(parent)
+    if moved:
+        shutil.rmtree(old, ignore_errors=True)
+    return final
+
+
+def remove_dir(path: str) -> None:
+    """Deletes a folder so that a crash midway never leaves it half deleted under its own name."""
+    doomed = os.path.join(os.path.dirname(os.path.abspath(path)),
+                          f"{DEL_PREFIX}{os.path.basename(path)}-{os.getpid()}")
+    os.replace(path, doomed)
+    shutil.rmtree(doomed)
+
+
+def recover_dirs(parent: str, *, names: Callable[[str], bool] = lambda name: True,
+                 alive: Callable[[int], bool] = lambda pid: False) -> tuple[list[str], list[str]]:
+    """Cleans up after writes that crashed in `parent`: puts back every moved-aside folder whose
+    replacement never arrived, and removes temporaries and half-done deletions.
+
+    Args:
+      parent: the folder to clean.
+      names: which final names are this caller's (the part between the prefix and "-<pid>").
+      alive: whether a pid's process still runs: its temporaries are left alone.
+
+    Returns:
+      (the folders put back, the temporaries removed).
+    """
+    restored, removed = [], []
+    for entry in sorted(os.listdir(parent)):
+        prefix = next((p for p in (TMP_PREFIX, OLD_PREFIX, DEL_PREFIX) if entry.startswith(p)), None)
+        if prefix is None or "-" not in entry[len(prefix):]:
+            continue
+        name, pid = entry[len(prefix):].rsplit("-", 1)
+        if not names(name) or not pid.isdigit() or alive(int(pid)):
+            continue
+        path, final = os.path.join(parent, entry), os.path.join(parent, name)
+        if prefix == OLD_PREFIX and not os.path.exists(final):
+            os.replace(path, final)
+            fsync_dir(parent)
+            restored.append(final)
+        elif os.path.isdir(path):
+            shutil.rmtree(path)
+            removed.append(path)
+        else:
+            os.remove(path)
+            removed.append(path)
+    return restored, removed

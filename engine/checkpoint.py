@@ -14,6 +14,7 @@ import shutil
 
 import tensorflow as tf
 
+from engine import atomic
 from engine.atomic import fsync_dir as _fsync_dir
 from engine.monitor import BestMetric
 
@@ -31,12 +32,8 @@ STATE_FILE = "state.json"
 CHECKPOINTS_SUBDIR = "checkpoints"  # <run_dir>/checkpoints, where the training loop keeps them
 FORMAT = 1
 _CKPT_DIR = re.compile(r"^ckpt-(\d+)$")
-# Temporary names, all dot-prefixed so they are never mistaken for checkpoints:
-#   .tmp-*  a save (or an atomic JSON write) in progress: removed after a crash
-#   .old-*  a checkpoint moved aside while one of the same step replaces it:
-#           put back after a crash if the replacement never arrived
-#   .del-*  a checkpoint being deleted by retention: removed after a crash
-_TMP, _OLD, _DEL = ".tmp-", ".old-", ".del-"
+# Saves and deletions go through engine/atomic.py's folder writes, whose temporary names are
+# dot-prefixed (.tmp-, .old-, .del-) so they are never mistaken for checkpoints.
 
 
 class CheckpointError(Exception):
@@ -123,26 +120,12 @@ class CheckpointManager:
         """
         if not os.path.isdir(self.directory):
             return []
-        removed = []
         try:
-            for name in sorted(os.listdir(self.directory)):
-                path = os.path.join(self.directory, name)
-                if name.startswith(_OLD):
-                    final = os.path.join(self.directory, name[len(_OLD):].rsplit("-", 1)[0])
-                    if not os.path.exists(final):
-                        os.rename(path, final)
-                        _fsync_dir(self.directory)
-                        log.info(f"Put back checkpoint {final}: a save of the same step crashed "
-                                  f"before replacing it")
-                        continue
-                if name.startswith((_TMP, _OLD, _DEL)):
-                    if os.path.isdir(path):
-                        shutil.rmtree(path)
-                    else:
-                        os.remove(path)
-                    removed.append(path)
+            restored, removed = atomic.recover_dirs(self.directory, names=lambda n: bool(_CKPT_DIR.match(n)))
         except OSError as e:
             raise CheckpointError(f"Could not clean up {self.directory}: {_reason(e)}") from e
+        for final in restored:
+            log.info(f"Put back checkpoint {final}: a save of the same step crashed before replacing it")
         return removed
 
     def save(self, checkpoint: tf.train.Checkpoint, *, step: int, epoch: int,
@@ -180,13 +163,10 @@ class CheckpointManager:
                   "state": _jsonable(state, f"state of checkpoint step {step}")}
         name = f"{PREFIX}-{step:09d}"
         final = os.path.join(self.directory, name)
-        tmp = os.path.join(self.directory, f"{_TMP}{name}-{os.getpid()}")
-        old = os.path.join(self.directory, f"{_OLD}{name}-{os.getpid()}")
+        tmp = None
         try:
             _make_dirs(self.directory)
-            if os.path.exists(tmp):
-                shutil.rmtree(tmp)
-            os.mkdir(tmp)
+            tmp = atomic.temporary_dir(final)
             checkpoint.write(os.path.join(tmp, PREFIX))
             # Hashing reads the files back while they are still in the page
             # cache; the same open file is then fsynced.
@@ -194,24 +174,17 @@ class CheckpointManager:
                                for f in sorted(os.listdir(tmp))}
             record["checksum"] = _checksum(record)
             _write_json(os.path.join(tmp, STATE_FILE), record)
-            _fsync_dir(tmp)
-            if os.path.exists(final):
-                os.rename(final, old)
-            os.rename(tmp, final)
-            _fsync_dir(self.directory)
+            # A checkpoint of the same step is replaced: the second save of a step (an epoch end
+            # after a --checkpoint_every_steps save) carries newer metrics and policy state.
+            atomic.swap_in_dir(tmp, final)
         except BaseException as e:
-            shutil.rmtree(tmp, ignore_errors=True)
-            if os.path.isdir(old) and not os.path.exists(final):
-                try:
-                    os.rename(old, final)
-                except OSError:
-                    pass  # remove_temporaries puts it back on the next start.
+            if tmp is not None:
+                shutil.rmtree(tmp, ignore_errors=True)
             if isinstance(e, (OSError, tf.errors.OpError)):
                 raise CheckpointError(
                     f"Could not save checkpoint {name} in {self.directory}: {_reason(e)}. "
                     f"The partial save was removed; earlier checkpoints are intact.") from e
             raise
-        shutil.rmtree(old, ignore_errors=True)
         info = _info(final, record)
 
         infos = self.entries()
@@ -249,11 +222,8 @@ class CheckpointManager:
     # -- Internals ---------------------------------------------------------------
 
     def _delete(self, info: CheckpointInfo) -> None:
-        # Renamed away first, so a crash mid-delete never leaves a half-deleted ckpt-*.
-        doomed = os.path.join(self.directory, f"{_DEL}{info.name}-{os.getpid()}")
         try:
-            os.rename(info.path, doomed)
-            shutil.rmtree(doomed)
+            atomic.remove_dir(info.path)
         except OSError as e:
             log.info(f"Could not delete the old checkpoint {info.path}: {_reason(e)}")
 

@@ -115,17 +115,34 @@ def run(config) -> int:
     return 0
 
 
-def main(argv: list[str]) -> None:
+def main(argv: list[str], flag_values: flags.FlagValues = FLAGS) -> None:
+    """The parsed command line's config, run; exits with the run's code."""
     # TensorFlow and Keras log routine INFO lines through absl; the engine prints its own.
     absl_logging.set_verbosity(absl_logging.WARNING)
     setup_logging()
     if len(argv) > 1:
         fail(f"unexpected arguments {argv[1:]}: every setting is a --flag (see --helpfull)", 2)
     try:
-        config = engine_flags.config_from_flags(FLAGS)
+        config = engine_flags.config_from_flags(flag_values)
     except ConfigError as e:
         fail(str(e), 2)
     sys.exit(run(config))
+
+
+def invoke(args: list[str]) -> int:
+    """`python -m engine.main ARGS` inside this process (for tests): the same parsing, messages
+    and exit code, on flags of their own, without a new process's TensorFlow start-up."""
+    flag_values = flags.FlagValues()
+    engine_flags.define_flags(flag_values)
+    try:
+        try:
+            argv = flag_values(["engine.main", *args])
+        except flags.Error as e:
+            fail(str(e), 2)
+        main(argv, flag_values)
+    except SystemExit as e:
+        return e.code if isinstance(e.code, int) else (0 if e.code is None else 1)
+    return 0
 
 
 if __name__ == "__main__":

