@@ -86,12 +86,12 @@ if __name__ == "__main__":
     def main(argv):
         del argv
         images, masks = synthetic.render_arrays(patients=FLAGS.patients, seed=0)
-        aug = None
-        if FLAGS.augment:
-            i = FLAGS.intensity
-            # The seed notebook's geometric augmentation, plus the intensity ranges asked for.
-            aug = pipeline.Augment(rotation_deg=0.2, shift=0.05, shear=0.05, zoom=0.05, hflip=True,
-                                   vflip=True, brightness=i, contrast=i, gamma=i)
+        # The engine's default augmentation (engine.config, the one place that holds it), with the
+        # intensity ranges asked for.
+        from engine.config import Config
+
+        i = FLAGS.intensity
+        aug = Config(augment=FLAGS.augment, brightness=i, contrast=i, gamma=i).augmentation
         result = measure_throughput(
             images,
             masks,

@@ -398,26 +398,9 @@ def run(config: Config, runtime: Runtime) -> dict:
     train, fit, iterator = time_training(config, runtime, state, steps, make_train_ds)
     evaluation = time_evaluation(config, runtime, steps, eval_ds, eval_batch)
 
-    train_flops = 3 * size.forward_flops_per_image * runtime.global_batch
-    report = {
-        **train.figures(train_flops, peak),
-        "eval": evaluation.figures(size.forward_flops_per_image * eval_batch, peak),
-        "peak_source": peak.source,
-        "forward_flops_per_image": size.forward_flops_per_image,
-        "params": size.params,
-        "peak_host_memory_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
-        "peak_device_memory_mb": _peak_device_memory_mb(runtime),
-        "data": config.benchmark_data,
-        "device": runtime.device,
-        "precision": runtime.precision,
-        "jit_compile": runtime.jit_compile,
-        "replicas": runtime.replicas,
-        "model": {"image_size": config.image_size, "base_filters": config.base_filters,
-                  "depth": config.depth, "batch_norm": config.batch_norm},
-        "traces": dict(steps.traces),
-    }
+    report = _report(config, runtime, size, train, evaluation, peak, eval_batch, steps)
     if fit is not None:
-        report["fit"] = fit.figures(train_flops, peak)
+        report["fit"] = fit.figures(report["flops_per_step"], peak)
         report["fit_images_per_sec"] = fit.images_per_sec
         report["engine_vs_fit"] = train.images_per_sec / fit.images_per_sec
         # The same ratio from median step times: less swayed by a few steps
@@ -434,6 +417,47 @@ def run(config: Config, runtime: Runtime) -> dict:
     for line in table(report, config, runtime).splitlines():
         log.info(line)
     return report
+
+
+def _report(config: Config, runtime: Runtime, size, train: Timing, evaluation: Timing, peak: Peak,
+            eval_batch: int, steps: steps_lib.Steps) -> dict:
+    """The figures of the run's own precision, and what was measured."""
+    return {
+        **train.figures(3 * size.forward_flops_per_image * runtime.global_batch, peak),
+        "eval": evaluation.figures(size.forward_flops_per_image * eval_batch, peak),
+        "peak_source": peak.source,
+        "forward_flops_per_image": size.forward_flops_per_image,
+        "params": size.params,
+        "peak_host_memory_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+        "peak_device_memory_mb": _peak_device_memory_mb(runtime),
+        "data": config.benchmark_data,
+        "device": runtime.device,
+        "cpu": _cpu_name(),
+        "precision": runtime.precision,
+        "precision_reason": runtime.precision_reason,
+        "jit_compile": runtime.jit_compile,
+        "replicas": runtime.replicas,
+        "model": {"image_size": config.image_size, "base_filters": config.base_filters,
+                  "depth": config.depth, "batch_norm": config.batch_norm, "neighbours": config.neighbours},
+        "traces": dict(steps.traces),
+    }
+
+
+def _cpu_name() -> dict:
+    """Which CPU the figures came from: its model name, family and model, and the flags that decide
+    the precision (/proc/cpuinfo)."""
+    from engine.runtime import cpu_flags
+
+    fields = {}
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                key, _, value = line.partition(":")
+                if key.strip() in ("model name", "cpu family", "model") and key.strip() not in fields:
+                    fields[key.strip()] = value.strip()
+    except OSError:
+        pass
+    return {**fields, "flags": sorted(cpu_flags() & {"avx2", "avx512f", "avx512_bf16", "amx_tile", "amx_bf16"})}
 
 
 def other_precision(runtime: Runtime) -> str:

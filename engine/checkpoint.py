@@ -82,17 +82,24 @@ class CheckpointManager:
         self.keep = keep
         self.monitor = monitor
         self.mode = mode
+        self._reported: set[str] = set()  # damaged checkpoints already named in the log
 
     # -- Reading -----------------------------------------------------------------
 
     def entries(self) -> list[CheckpointInfo]:
-        """Checkpoints whose state.json is intact, oldest first (their data is not hashed here)."""
+        """Checkpoints whose state.json is intact, oldest first (their data is not hashed here).
+
+        A checkpoint whose state.json is damaged is named in the log (once) and left out; the
+        next save's retention removes it.
+        """
         infos = []
         for _, path in _checkpoint_dirs(self.directory):
             try:
                 infos.append(_info(path, _read_record(path)))
-            except CheckpointError:
-                continue  # restore_latest and find_checkpoint report it by name.
+            except CheckpointError as e:
+                if path not in self._reported:
+                    self._reported.add(path)
+                    log.info(f"A damaged checkpoint is not counted: {e}; the next save removes it")
         return infos
 
     def latest(self) -> CheckpointInfo | None:
@@ -132,12 +139,9 @@ class CheckpointManager:
              metrics: dict[str, float], state: dict) -> CheckpointInfo:
         """Writes a checkpoint atomically, then applies retention.
 
-        The variables are written into `.tmp-ckpt-<step>-<pid>/`, every file and
-        the directory are fsynced, and the directory is renamed into place, so a
-        `ckpt-*` directory is always complete. A checkpoint of the same step is
-        replaced, not skipped: the second save of a step (an epoch-end save after
-        a `--checkpoint_every_steps` save, say) carries newer metrics and policy
-        state. The old one is moved aside until the new one is in place.
+        The variables are written into a temporary folder, every file and the folder
+        are fsynced, and the folder is renamed into place (engine/atomic.py), so a
+        `ckpt-*` directory is always complete.
 
         Args:
           checkpoint: the variables to save (model, optimizer, step, ...).
@@ -160,7 +164,7 @@ class CheckpointManager:
         record = {"format": FORMAT, "step": step, "epoch": epoch,
                   "metrics": {str(k): float(v) for k, v in metrics.items()},
                   "monitor": self.monitor, "mode": self.mode,
-                  "state": _jsonable(state, f"state of checkpoint step {step}")}
+                  "state": _json_round_trip(state, f"state of checkpoint step {step}")}
         name = f"{PREFIX}-{step:09d}"
         final = os.path.join(self.directory, name)
         tmp = None
@@ -187,13 +191,7 @@ class CheckpointManager:
             raise
         info = _info(final, record)
 
-        infos = self.entries()
-        best = _best(infos, self.monitor, self.mode)
-        kept = {i.name for i in infos[-self.keep:]} | {info.name} | ({best.name} if best else set())
-        # Only now, with the new checkpoint on disk, delete the rest.
-        for doomed in infos:
-            if doomed.name not in kept:
-                self._delete(doomed)
+        self._retain(info)
         return info
 
     # -- Restoring ---------------------------------------------------------------
@@ -205,27 +203,34 @@ class CheckpointManager:
           CheckpointError: there are checkpoints but none verifies.
         """
         dirs = _checkpoint_dirs(self.directory)
-        problems = []
-        for _, path in reversed(dirs):
-            try:
-                return verify(path)
-            except CheckpointError as e:
-                problems.append(str(e))
-                log.info(f"Skipping a damaged checkpoint: {e}; falling back to the one before it")
-        if problems:
-            raise CheckpointError(
-                f"None of the {len(dirs)} checkpoints in {self.directory} verifies:\n  "
-                + "\n  ".join(problems)
-                + "\nMove them away (or pass --overwrite) to start afresh.")
-        return None
+        if not dirs:
+            return None
+        return first_that_verifies([p for _, p in reversed(dirs)], self.directory,
+                                   advice="Move them away (or pass --overwrite) to start afresh.")
 
     # -- Internals ---------------------------------------------------------------
 
-    def _delete(self, info: CheckpointInfo) -> None:
+    def _retain(self, newest: CheckpointInfo) -> None:
+        """Keeps the latest `keep`, the best and `newest`; deletes the rest, now that `newest` is on disk.
+
+        Damaged checkpoints before `newest` go too: they can never be restored.
+        """
+        infos = self.entries()
+        best = _best(infos, self.monitor, self.mode)
+        kept = {i.name for i in infos[-self.keep:]} | {newest.name} | ({best.name} if best else set())
+        intact = {i.path for i in infos}
+        for doomed in infos:
+            if doomed.name not in kept:
+                self._delete(doomed.path)
+        for old_step, path in _checkpoint_dirs(self.directory):
+            if path not in intact and old_step < newest.step:
+                self._delete(path)
+
+    def _delete(self, path: str) -> None:
         try:
-            atomic.remove_dir(info.path)
+            atomic.remove_dir(path)
         except OSError as e:
-            log.info(f"Could not delete the old checkpoint {info.path}: {_reason(e)}")
+            log.info(f"Could not delete the old checkpoint {path}: {_reason(e)}")
 
 
 def verify(info_or_path: CheckpointInfo | str) -> CheckpointInfo:
@@ -324,14 +329,24 @@ def find_checkpoint(path: str, *, monitor: str | None = None, mode: str | None =
         monitor, mode = infos[-1].monitor, mode or infos[-1].mode
     best = _best(infos, monitor, mode or "min") if monitor else None
     candidates = ([best.path] if best else []) + [p for _, p in reversed(dirs) if not best or p != best.path]
+    return first_that_verifies(candidates, directory, advice="Name another one, or train again.")
+
+
+def first_that_verifies(paths: list[str], directory: str, *, advice: str) -> CheckpointInfo:
+    """The first of `paths` that verifies, naming each one skipped in the log.
+
+    Raises:
+      CheckpointError: none verifies; the message lists why, then `advice`.
+    """
     problems = []
-    for candidate in candidates:
+    for path in paths:
         try:
-            return verify(candidate)
+            return verify(path)
         except CheckpointError as e:
             problems.append(str(e))
-            log.info(f"Skipping a damaged checkpoint: {e}")
-    raise CheckpointError(f"No checkpoint in {directory} verifies:\n  " + "\n  ".join(problems))
+            log.info(f"Skipping a damaged checkpoint: {e}; falling back to the one before it")
+    raise CheckpointError(f"None of the {len(paths)} checkpoints in {directory} verifies:\n  "
+                          + "\n  ".join(problems) + "\n" + advice)
 
 
 # -- Helpers -------------------------------------------------------------------
@@ -394,7 +409,7 @@ def _checksum(record: dict) -> str:
     return hashlib.sha256(json.dumps(body, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
 
 
-def _jsonable(value, what: str):
+def _json_round_trip(value, what: str):
     """`value` round-tripped through JSON, so what is saved is exactly what a restore returns."""
     def scalar(o):  # numpy scalars (e.g. a policy's float32 best) become Python numbers.
         if getattr(o, "ndim", None) == 0 and hasattr(o, "item"):

@@ -124,14 +124,14 @@ def _csv_bytes(rows: list[dict]) -> bytes:
     return out.getvalue().encode()
 
 
-def _jsonable(value):
+def _nan_as_null(value):
     """NaN is not JSON: written as null, in nested summaries too."""
     if isinstance(value, float) and math.isnan(value):
         return None
     if isinstance(value, dict):
-        return {k: _jsonable(v) for k, v in value.items()}
+        return {k: _nan_as_null(v) for k, v in value.items()}
     if isinstance(value, (list, tuple)):
-        return [_jsonable(v) for v in value]
+        return [_nan_as_null(v) for v in value]
     return value
 
 
@@ -151,6 +151,22 @@ def _data(config: Config, run: RunDir) -> LggDataset:
                     f"were among the run's training or validation patients, so their figures "
                     f"are not held-out: {', '.join(seen)}")
     return dataset
+
+
+def _best_and_worst(segmenter: Segmenter, subset: LggDataset, predictions: np.ndarray, rows: list[dict],
+                    run_dir: RunDir, name: str, batch_size: int) -> dict:
+    """The overlay grids of the best and the worst patient, written as eval_<split>_<which>_patient.png."""
+    indices = patient_slices(subset)
+    ranked = sorted(rows, key=lambda r: (-r["dice"], r["patient"]))
+    figures = {}
+    for which, row in (("best", ranked[0]), ("worst", ranked[-1])):
+        grid, numbers = report.patient_overlay(segmenter, subset, predictions, indices[row["patient"]],
+                                               batch_size=batch_size)
+        png = f"eval_{name}_{which}_patient.png"
+        run_dir.write(png, tf.io.encode_png(grid).numpy())
+        figures[which] = {"patient": row["patient"], "dice": row["dice"], "png": png,
+                          "slices_shown": numbers}
+    return figures
 
 
 def run(config: Config) -> dict:
@@ -179,16 +195,7 @@ def run(config: Config) -> dict:
     groups = group_rows(rows, clinical)
 
     name = config.split
-    indices = patient_slices(subset)
-    ranked = sorted(rows, key=lambda r: (-r["dice"], r["patient"]))
-    figures = {}
-    for which, row in (("best", ranked[0]), ("worst", ranked[-1])):
-        grid, numbers = report.patient_overlay(segmenter, subset, predictions, indices[row["patient"]],
-                                               batch_size=batch_size)
-        png = f"eval_{name}_{which}_patient.png"
-        run_dir.write(png, tf.io.encode_png(grid).numpy())
-        figures[which] = {"patient": row["patient"], "dice": row["dice"], "png": png,
-                          "slices_shown": numbers}
+    figures = _best_and_worst(segmenter, subset, predictions, rows, run_dir, name, batch_size)
     plot = f"eval_{name}_dice.png"
     run_dir.write(plot, report.dice_plot(rows, f"per-patient Dice, {name} ({len(rows)} patients)"))
     command = " ".join(shlex.quote(a) for a in ["python", "-m", "engine.main", *sys.argv[1:]])
@@ -201,14 +208,14 @@ def run(config: Config) -> dict:
         "seconds_inference": predicted - start, "seconds_metrics": time.perf_counter() - predicted,
     })
     summary["seconds"] = time.perf_counter() - start
-    run_dir.write_json(f"eval_{name}.json", _jsonable(summary))
+    run_dir.write_json(f"eval_{name}.json", _nan_as_null(summary))
     run_dir.write(f"per_patient_{name}.csv", _csv_bytes(rows))
     run_dir.write(f"eval_{name}.md", report.markdown(summary, groups, plot=plot, command=command))
 
     log.info(f"\nEvaluation of {name}: {summary['patients']} patients, {summary['slices']} slices "
              f"({summary['positive_slices']} with lesions) at {summary['original_size'][0]}x"
              f"{summary['original_size'][1]}; {segmenter.describe()}\n")
-    log.info(report.format_table(summary, rows))
+    log.info(report.evaluation_table(summary, rows))
     log.info(f"\nBest patient {figures['best']['patient']} (Dice {figures['best']['dice']:.4f}), worst "
              f"{figures['worst']['patient']} (Dice {figures['worst']['dice']:.4f}).")
     log.info(f"Wrote eval_{name}.json, per_patient_{name}.csv, eval_{name}.md and its figures to "

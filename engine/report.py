@@ -94,7 +94,7 @@ def dice_plot(rows: list[dict], title: str) -> bytes:
     return out.getvalue()
 
 
-def format_table(summary: dict, rows: list[dict]) -> str:
+def evaluation_table(summary: dict, rows: list[dict]) -> str:
     """The printed report: the figures with their intervals, then one line per patient (best first)."""
     s = summary
     lines = [f"{'metric (per patient)':<30}{'mean':>9}{'95% CI':>19}{'median':>9}"]

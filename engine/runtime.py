@@ -158,6 +158,20 @@ def _make_strategy(name: str, gpus: int, cpu_devices: int, timeout: int) -> tf.d
     return tf.distribute.OneDeviceStrategy("/gpu:0" if gpus else "/cpu:0")
 
 
+def _task(strategy: tf.distribute.Strategy) -> tuple[int, int, bool]:
+    """(workers, this worker's index, whether it is the chief) of a multi-worker strategy's TF_CONFIG."""
+    if not isinstance(strategy, tf.distribute.MultiWorkerMirroredStrategy):
+        return 1, 0, True
+    cluster = json.loads(os.environ.get("TF_CONFIG", "{}"))
+    jobs = cluster.get("cluster", {})
+    num_workers = len(jobs.get("chief", [])) + len(jobs.get("worker", [])) or 1
+    task = cluster.get("task", {})
+    kind, index = task.get("type", "worker"), int(task.get("index", 0))
+    # With a "chief" job the chief is its task; without one, worker 0 is.
+    is_chief = kind == "chief" if jobs.get("chief") else index == 0
+    return num_workers, index + (len(jobs.get("chief", [])) if kind == "worker" else 0), is_chief
+
+
 def resolve(config) -> Runtime:
     """Resolves the device policy of a Config and applies it to TensorFlow and Keras.
 
@@ -193,16 +207,7 @@ def resolve(config) -> Runtime:
     dist = _make_strategy(strategy, len(physical_gpus), cpu_devices, c.collective_timeout)
 
     replicas = dist.num_replicas_in_sync
-    num_workers, worker_index, is_chief = 1, 0, True
-    if isinstance(dist, tf.distribute.MultiWorkerMirroredStrategy):
-        cluster = json.loads(os.environ.get("TF_CONFIG", "{}"))
-        jobs = cluster.get("cluster", {})
-        num_workers = len(jobs.get("chief", [])) + len(jobs.get("worker", [])) or 1
-        task = cluster.get("task", {})
-        kind, index = task.get("type", "worker"), int(task.get("index", 0))
-        # With a "chief" job the chief is its task; without one, worker 0 is.
-        is_chief = kind == "chief" if jobs.get("chief") else index == 0
-        worker_index = index + (len(jobs.get("chief", [])) if kind == "worker" else 0)
+    num_workers, worker_index, is_chief = _task(dist)
     return Runtime(
         strategy=dist,
         precision=resolved_precision,

@@ -454,3 +454,18 @@ def test_kill_9_at_random_moments_never_leaves_a_partial_checkpoint(tmp_path):
         for name in finals:
             ckpt_lib.verify(os.path.join(directory, name))
     assert last_saved >= 6
+
+
+def test_a_damaged_checkpoint_is_named_and_removed_by_retention(tmp_path, caplog):
+    caplog.set_level(logging.INFO)
+    manager = CheckpointManager(directory=str(tmp_path), keep=2)
+    _save_steps(manager, {1: None, 2: None, 3: None})
+    assert _names(tmp_path) == ["ckpt-000000002", "ckpt-000000003"]
+    (tmp_path / "ckpt-000000002" / "state.json").write_text("{torn")
+    assert [i.step for i in manager.entries()] == [3]
+    assert [i.step for i in manager.entries()] == [3]
+    named = [m for m in caplog.messages if "ckpt-000000002" in m and "damaged" in m]
+    assert len(named) == 1  # once, however often the manager looks
+    _save_steps(manager, {4: None})
+    # The damaged one counted for nothing and went; two intact checkpoints remain.
+    assert _names(tmp_path) == ["ckpt-000000003", "ckpt-000000004"]
