@@ -29,43 +29,64 @@ class ConfigError(ValueError):
         self.flag = flag
 
 
-# A check returns what is wrong with a value, or None.
-Check = Callable[[Any], "str | None"]
+@dataclasses.dataclass(frozen=True)
+class Check:
+    """A field's range: called with a value, it returns what is wrong with it, or None.
+
+    `inside` and `outside` are values at its edges that it accepts and refuses, so that a test
+    can prove every check does what its message says.
+    """
+
+    accepts: Callable[[Any], bool]
+    wording: str  # "must be ...", completed with ", got <value>"
+    inside: tuple
+    outside: tuple
+    show: Callable[[Any], str] = str
+
+    def __call__(self, value) -> str | None:
+        return None if self.accepts(value) else f"{self.wording}, got {self.show(value)}"
 
 
 def _at_least(low, high=None) -> Check:
     """low <= value (<= high): worded as "positive" / "zero or positive" for the usual lows."""
-    words = {1: "a positive integer", 0: "zero or positive"}.get(
-        low, f"at least {low}")
-
-    def check(v):
-        if v < low:
-            return f"must be {words}, got {v}"
-        if high is not None and v > high:
-            return f"must be {words} up to {high}, got {v}"
-    return check
+    words = {1: "a positive integer", 0: "zero or positive"}.get(low, f"at least {low}")
+    step = 1 if isinstance(low, int) else 1e-3
+    return Check(lambda v: low <= v and (high is None or v <= high),
+                 f"must be {words}" + (f" up to {high}" if high is not None else ""),
+                 inside=(low,) + ((high,) if high is not None else ()),
+                 outside=(low - step,) + ((high + step,) if high is not None else ()))
 
 
-def _open_unit(v) -> str | None:
-    return None if 0 < v < 1 else f"must be in (0, 1), got {v}"
+def _between(low: float, high: float) -> Check:
+    """low < value <= high."""
+    return Check(lambda v: low < v <= high, f"must be in ({low:g}, {high:g}]", inside=(high, (low + high) / 2),
+                 outside=(low, high * 1.01))
 
 
-def _below_one(v) -> str | None:
-    return None if 0 <= v < 1 else f"must be in [0, 1), got {v}"
+_open_unit = Check(lambda v: 0 < v < 1, "must be in (0, 1)", inside=(0.5,), outside=(0.0, 1.0))
+_below_one = Check(lambda v: 0 <= v < 1, "must be in [0, 1)", inside=(0.0, 0.5), outside=(-0.1, 1.0))
 
 
 def _one_of(choices) -> Check:
-    return lambda v: None if v in choices else f"must be one of {', '.join(choices)}, got {v!r}"
+    return Check(lambda v: v in choices, f"must be one of {', '.join(choices)}", inside=tuple(choices),
+                 outside=("none of them",), show=repr)
 
 
-def _utf8(v) -> str | None:
-    """TensorFlow writes checkpoints and events only to paths that are valid UTF-8."""
+_FOLDS = Check(lambda v: v == 0 or 2 <= v <= 1000, "must be 0 (the fraction split) or at least 2 (at most 1000)",
+               inside=(0, 2, 1000), outside=(1, -1, 1001))
+
+
+def _valid_utf8(v) -> bool:
     try:
         v.encode("utf-8")
     except UnicodeEncodeError:
-        return (f"{v!r} is not valid UTF-8: TensorFlow cannot write or read its files there; "
-                "rename the folder or choose another")
-    return None
+        return False
+    return True
+
+
+# TensorFlow writes checkpoints and events only to paths that are valid UTF-8.
+_utf8 = Check(_valid_utf8, "must be valid UTF-8: TensorFlow cannot write or read its files there; "
+              "rename the folder or choose another", inside=("logs/run",), outside=("run-\udcff",), show=repr)
 
 
 def _field(default, help_text: str, check: Check | None = None, *, identity: bool = False,
@@ -111,9 +132,9 @@ class Config:
                                   "--num_folds; 0: train on every patient, as a model to ship does).",
                                   _below_one, identity=True)
     num_folds: int = _field(0, "K-fold over patients: the test split is fold --fold of this many, cut by "
-                            "--seed (0: --test_fraction split).", identity=True)
+                            "--seed (0: --test_fraction split).", _FOLDS, identity=True)
     fold: int = _field(0, "With --num_folds: which fold, 0 to num_folds-1, is the test split; one run "
-                       "directory per fold.", identity=True)
+                       "directory per fold.", _at_least(0, 999), identity=True)
     seed: int = _field(42, "Seed of the split, the data order, augmentation and initialisation.",
                        _at_least(0, 2**31 - 1), identity=True)
     # Model.
@@ -139,8 +160,7 @@ class Config:
     epochs: int = _field(150, "Epochs to train.", _at_least(1, 100000), hparam=True)
     batch_size: int = _field(16, "Batch size per replica; the global batch is this times the replicas.",
                              _at_least(1, 4096), hparam=True)
-    learning_rate: float = _field(1e-4, "Adam learning rate.", lambda v: None if 0 < v <= 10 else
-                                  f"must be in (0, 10], got {v}", hparam=True)
+    learning_rate: float = _field(1e-4, "Adam learning rate.", _between(0.0, 10.0), hparam=True)
     warmup_epochs: float = _field(0.0, "Linear learning-rate warm-up over this many epochs (0 disables).",
                                   NON_NEGATIVE_FLOAT, hparam=True)
     lr_schedule: str = _field("plateau", "After the warm-up: plateau (--learning_rate, lowered by the "
@@ -342,8 +362,6 @@ def validate(config: Config) -> Config:
     _require(c.val_fraction + c.test_fraction < 1, "test_fraction",
              f"--val_fraction + --test_fraction must leave patients for training, "
              f"got {c.val_fraction} + {c.test_fraction}")
-    _require(c.num_folds == 0 or 2 <= c.num_folds <= 1000, "num_folds",
-             f"must be 0 (the fraction split) or at least 2 (at most 1000), got {c.num_folds}")
     if c.num_folds:
         _require(0 <= c.fold < c.num_folds, "fold",
                  f"must be in [0, --num_folds={c.num_folds}), got {c.fold}")

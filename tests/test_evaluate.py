@@ -310,19 +310,6 @@ def test_evaluate_mode_writes_the_report(evaluated):
     assert f"{report['dice']:.4f}" in proc.stdout
 
 
-def test_evaluate_mode_agrees_with_the_python_api(evaluated):
-    config, split, proc = evaluated
-    assert proc.returncode == 0, proc.stderr
-    from engine import inputs
-    dataset = inputs.load_dataset(config).subset(split["test"])
-    segmenter = Segmenter([_pointwise_model(64)], InferenceSpec(), image_size=64, sources=["test"])
-    summary, _ = evaluate.score(dataset, evaluate.predict_patients(segmenter, dataset, batch_size=4))
-    with open(os.path.join(config.run_dir, "eval_test.json")) as f:
-        report = json.load(f)
-    for key in ("dice", "iou", "positive_slice_dice_mean", "patient_dice_mean", "empty_slice_fp_rate"):
-        assert report[key] == pytest.approx(summary[key], rel=1e-9), key
-
-
 def test_evaluate_without_a_model_fails_with_one_clear_line(tmp_path):
     config = _config(tmp_path, model_dir=str(tmp_path / "never_trained"))
     proc = run_engine(config_flags(config), timeout=120)

@@ -7,7 +7,9 @@ import json
 import subprocess
 import sys
 
-from engine.config import FIELDS, Config
+import pytest
+
+from engine.config import FIELDS, Check, Config, ConfigError, validate
 from tests.helpers import REPO, config_flags, run_engine, tiny_config
 
 # Runs in a fresh process: absl's FLAGS are global, and engine.main defines them on import.
@@ -72,6 +74,28 @@ def test_every_flag_value_is_refused_clearly_or_accepted():
     assert "--image_size: must be a positive integer up to 512" in " ".join(
         m for n, v, o, m in results if n == "image_size" and v == str(2**31))
     assert Config().image_size == 256
+
+
+def test_every_number_has_a_range_and_every_check_refuses_what_it_says():
+    """Each field's own check, at its edges: the values just outside are refused by validate(),
+    naming that flag; the edges themselves pass the check. Removing a check fails this test."""
+    numbers = [n for n, f in FIELDS.items() if type(f.default) in (int, float)]
+    assert numbers and all(isinstance(FIELDS[n].metadata["check"], Check) for n in numbers), [
+        n for n in numbers if not FIELDS[n].metadata["check"]]
+    checked = 0
+    for name, field in FIELDS.items():
+        check = field.metadata["check"]
+        if check is None:
+            continue
+        assert check.inside and check.outside, name
+        for value in check.inside:
+            assert check(value) is None, (name, value)
+        for value in check.outside:
+            with pytest.raises(ConfigError) as refused:
+                validate(Config(**{name: value}))
+            assert refused.value.flag == name and check.wording in str(refused.value), (name, value)
+            checked += 1
+    assert checked >= 60
 
 
 def test_extreme_values_that_pass_validation_end_in_a_clear_error(tmp_path):

@@ -73,7 +73,7 @@ def test_validate_names_the_flag_for_fraction_sums():
     (1, 0, "--num_folds", "at least 2"),
     (-2, 0, "--num_folds", "at least 2"),
     (5, 5, "--fold", "[0, --num_folds=5)"),
-    (5, -1, "--fold", "[0, --num_folds=5)"),
+    (5, -1, "--fold", "must be zero or positive"),
     (0, 1, "--fold", "needs --num_folds"),
 ])
 def test_validate_names_the_flag_for_bad_folds(num_folds, fold, flag, words):

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+
 import keras
 import numpy as np
 import pytest
@@ -137,3 +139,57 @@ def test_a_saved_model_predicts_in_the_precision_chosen_for_the_machine(tmp_path
     policy("float32")
     again, _ = load_model(str(tmp_path / "final_model.keras"))
     np.testing.assert_array_equal(again(x).numpy(), trained(x).numpy())
+
+
+def _checkpoint_values(run_dir, step=None) -> dict:
+    """The float variables a run's checkpoint holds (the newest, or the one at `step`), by name: the
+    weights and moving statistics, Adam's moments."""
+    from engine.checkpoint import CheckpointManager
+
+    infos = CheckpointManager(directory=str(run_dir / "checkpoints")).entries()
+    info = infos[-1] if step is None else next(i for i in infos if i.step == step)
+    reader = tf.train.load_checkpoint(os.path.join(info.path, "ckpt"))
+    values = {k: reader.get_tensor(k) for k in reader.get_variable_to_shape_map() if "OBJECT" not in k}
+    return {k: v for k, v in values.items() if v.dtype == np.float32 and v.ndim >= 1}
+
+
+def _train(run_dir, **overrides):
+    from tests.helpers import config_flags, run_engine, tiny_config
+
+    values = {"epochs": 2, "deterministic": True, "precision": "mixed_bfloat16", **overrides}
+    return run_engine(config_flags(tiny_config(run_dir, **values)), check=True)
+
+
+@pytest.mark.slow
+def test_bfloat16_trains_and_resumes_exactly_and_across_precisions(tmp_path):
+    from tests.helpers import read_history
+
+    _train(tmp_path / "straight")
+    # Stopped after epoch 1 and resumed: the same bfloat16 run, bit for bit.
+    _train(tmp_path / "resumed", epochs=1)
+    out = _train(tmp_path / "resumed").stdout
+    assert "Resumed from" in out
+    straight, resumed = _checkpoint_values(tmp_path / "straight"), _checkpoint_values(tmp_path / "resumed")
+    assert straight.keys() == resumed.keys() and len(straight) > 10
+    for name in straight:
+        np.testing.assert_array_equal(straight[name], resumed[name], err_msg=name)
+    assert ([(h["epoch"], h["loss"]) for h in read_history(tmp_path / "straight")]
+            == [(h["epoch"], h["loss"]) for h in read_history(tmp_path / "resumed")])
+
+    # A bfloat16 checkpoint continued in float32, and a float32 one continued in bfloat16: each
+    # starts from the saved values, so it ends near the run that stayed in its first precision,
+    # far nearer than the distance the second epoch itself moved them.
+    _train(tmp_path / "straight-float32", precision="float32")
+    for start, then in (("mixed_bfloat16", "float32"), ("float32", "mixed_bfloat16")):
+        reference = tmp_path / ("straight" if start == "mixed_bfloat16" else "straight-float32")
+        history = read_history(reference)
+        after_one, after_two = (_checkpoint_values(reference, step=h["step"]) for h in history)
+        run = tmp_path / f"{start}-then-{then}"
+        _train(run, epochs=1, precision=start)
+        out = _train(run, precision=then).stdout
+        assert f"trained in {start} so far; it continues in {then}" in out
+        ended = _checkpoint_values(run)
+        moved = sum(float(np.abs(after_two[k] - after_one[k]).sum()) for k in after_two)
+        apart = sum(float(np.abs(ended[k] - after_two[k]).sum()) for k in after_two)
+        assert moved > 0 and apart < 0.5 * moved, (start, then, apart, moved)
+        assert [h["epoch"] for h in read_history(run)] == [1, 2]
