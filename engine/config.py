@@ -251,6 +251,9 @@ class Config:
     tta: bool = _field(False, "Average predictions over flips (test-time augmentation).")
     min_component_size: int = _field(0, "Post-processing: remove predicted 2D components smaller than "
                                      "this (pixels).", _at_least(0, 256 * 256))
+    min_component_voxels: int = _field(0, "Post-processing: remove predicted 3D components (connected "
+                                       "over neighbouring slices) smaller than this many voxels.",
+                                       _at_least(0, 256 * 256 * 256))
     keep_largest_component: bool = _field(False, "Post-processing: keep only the largest 3D component "
                                           "per patient.")
     export_dir: str = _field("", "--mode=export: SavedModel folder ('' = <run_dir>/saved_model).", _utf8)

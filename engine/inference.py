@@ -26,7 +26,7 @@ log = logging.getLogger(__name__)
 THRESHOLD = 0.5
 # The flags of a run that its model and its inference are made of, read from its config.json.
 MODEL_FIELDS = ("image_size", "base_filters", "depth", "dropout", "batch_norm", "normalize", "neighbours",
-                "tta")
+                "tta", "min_component_voxels")
 
 
 def model_image_size(model, fallback: int) -> int:
@@ -144,6 +144,7 @@ def spec_for(config, *, members=(FINAL_MODEL,), chosen_on: str = "defaults") -> 
     values = config if isinstance(config, dict) else config.to_dict()
     return InferenceSpec(members=tuple(members), normalize=values.get("normalize", "none"),
                          neighbours=int(values.get("neighbours", 0)), tta=bool(values.get("tta", False)),
+                         min_component_voxels=int(values.get("min_component_voxels", 0)),
                          chosen_on=chosen_on)
 
 
@@ -270,6 +271,7 @@ def segmenter(config) -> Segmenter:
     extra = dataclasses.replace(
         spec, tta=spec.tta or config.tta,
         min_component_size=max(spec.min_component_size, config.min_component_size),
+        min_component_voxels=max(spec.min_component_voxels, config.min_component_voxels),
         keep_largest_component=spec.keep_largest_component or config.keep_largest_component)
     if recorded is not None and extra != recorded:
         log.info("Adding the flags' --tta / post-processing to the run's recorded inference")
