@@ -96,9 +96,13 @@ class Predictor:
         """
         images = np.asarray(images)
         out = np.empty(images.shape[:3], np.float32)
+        batch_size = min(batch_size, len(images)) or 1
         for start in range(0, len(images), batch_size):
             batch = images[start:start + batch_size]
-            out[start:start + len(batch)] = self._fn(tf.constant(batch))[..., 0].numpy()
+            n = len(batch)
+            if n < batch_size:  # padded to the one batch shape: oneDNN builds its kernels per shape
+                batch = np.concatenate([batch, np.zeros((batch_size - n,) + batch.shape[1:], batch.dtype)])
+            out[start:start + n] = self._fn(tf.constant(batch))[:n, ..., 0].numpy()
         return out
 
 
