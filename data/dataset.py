@@ -145,3 +145,15 @@ def load(data_dir, *, skip_bad_slices: bool = False, cache_dir: str | None = Non
         f"{len(ds.patients)} patients from {report.dataset_root}"
         f"{' (decode cache)' if report.from_cache else ''}; {clinical}")
     return ds
+
+
+def class_problem(num_positive: int, num_slices: int, positive_fraction: float) -> str | None:
+    """Why slices with this many lesion-positive ones cannot fill epochs of this share, or None."""
+    n_pos = int(round(positive_fraction * num_slices)) if positive_fraction > 0 else 0
+    if n_pos and not num_positive:
+        return (f"--positive_fraction={positive_fraction:g} asks for lesion-positive slices, but none of "
+                f"the {num_slices} training slices has a lesion; use --positive_fraction=0")
+    if positive_fraction > 0 and n_pos < num_slices and num_positive == num_slices:
+        return (f"--positive_fraction={positive_fraction:g} asks for lesion-free slices, but every one of "
+                f"the {num_slices} training slices has a lesion; use --positive_fraction=0 or 1")
+    return None

@@ -16,22 +16,29 @@ _DATA_DIR = flags.DEFINE_string("data_dir", "source_data", "Folder holding the K
 _SKIP = flags.DEFINE_bool("skip_bad_slices", False,
                           "Mirror the training flag: report what training would skip instead of "
                           "what would stop it. The exit code is 1 whenever there are problems.")
+_POSITIVE_FRACTION = flags.DEFINE_float(
+    "positive_fraction", 0.5, "Mirror the training flag (the recipes use 0.5): data whose slices "
+    "cannot fill epochs of this lesion-positive share is a problem, as training refuses it.")
 _CACHE_DIR = flags.DEFINE_string("cache_dir", None,
                                  "Decode cache folder to read or fill (default: no cache, so "
                                  "inspecting never writes to disk).")
 
 
-def summarize(report: dataset_lib.LoadReport, *, skip_bad_slices: bool) -> tuple[str, dict]:
+def summarize(report: dataset_lib.LoadReport, *, skip_bad_slices: bool,
+              positive_fraction: float = 0.0) -> tuple[str, dict]:
     """Builds the readable summary and the final JSON record of a LoadReport.
 
     Args:
       report: from dataset.load_with_problems.
       skip_bad_slices: phrase the verdict as training with --skip_bad_slices would behave.
+      positive_fraction: training's --positive_fraction, which needs both kinds of slices.
 
     Returns:
       (text, record): multi-line summary, and {"patients", "slices", "positive_slices", "problems"}.
     """
-    ds, problems = report.dataset, report.problems
+    ds, problems = report.dataset, list(report.problems)
+    balance = dataset_lib.class_problem(int(ds.positive.sum()), len(ds.records), positive_fraction)
+    problems += [balance] if balance and ds.records else []
     per_patient = collections.Counter(r.patient for r in ds.records)
     counts = np.array([per_patient[p] for p in ds.patients]) if ds.patients else np.zeros(1, int)
     positive = int(ds.positive.sum())
@@ -74,7 +81,7 @@ def main(argv) -> int:
         print(f"problems:         1\n  {e}")
         print(json.dumps({"patients": 0, "slices": 0, "positive_slices": 0, "problems": 1}))
         return 1
-    text, record = summarize(report, skip_bad_slices=_SKIP.value)
+    text, record = summarize(report, skip_bad_slices=_SKIP.value, positive_fraction=_POSITIVE_FRACTION.value)
     print(text)
     print(json.dumps(record))
     sys.stdout.flush()

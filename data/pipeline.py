@@ -8,6 +8,8 @@ import math
 import numpy as np
 import tensorflow as tf
 
+from data.dataset import class_problem
+
 
 @dataclasses.dataclass(frozen=True)
 class Augment:
@@ -116,11 +118,9 @@ def _epoch_order(positive, num_slices: int, *, seed: int, epoch: int, positive_f
         return rng.permutation(num_slices)
     pos, neg = np.flatnonzero(positive), np.flatnonzero(~positive)
     n_pos = int(round(positive_fraction * num_slices))
-    if n_pos and not len(pos) or n_pos < num_slices and not len(neg):
-        raise ValueError(
-            f"positive_fraction={positive_fraction} needs both lesion-positive and negative slices; "
-            f"got {len(pos)} positive and {len(neg)} negative"
-        )
+    problem = class_problem(len(pos), num_slices, positive_fraction)
+    if problem:
+        raise ValueError(problem)
 
     def cycle(indices, count):
         reps = -(-count // len(indices)) if count else 0

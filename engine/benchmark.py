@@ -19,7 +19,7 @@ from engine import inputs, roofline
 from engine import state as state_lib
 from engine import steps as steps_lib
 from engine.config import Config
-from engine.rundir import RunDir
+from engine.rundir import RunDir, RunDirError
 from engine.runtime import Runtime
 from models import losses, unet
 
@@ -378,6 +378,9 @@ def run(config: Config, runtime: Runtime) -> dict:
     Raises:
       DataError: with --benchmark_data=pipeline, a problem in the data.
     """
+    state_lib.check_memory(config, max(runtime.global_batch, config.eval_batch * runtime.replicas))
+    if os.path.exists(config.run_dir) and not os.path.isdir(config.run_dir):
+        raise RunDirError(f"--model_dir={config.run_dir} is a file: benchmark.json needs a folder")
     os.makedirs(config.run_dir, exist_ok=True)
     size = unet.unet_size(image_size=config.image_size, base_filters=config.base_filters,
                           depth=config.depth, batch_norm=config.batch_norm,

@@ -89,6 +89,16 @@ _utf8 = Check(_valid_utf8, "must be valid UTF-8: TensorFlow cannot write or read
               "rename the folder or choose another", inside=("logs/run",), outside=("run-\udcff",), show=repr)
 
 
+def _plain_name(v) -> bool:
+    return _valid_utf8(v) and v not in ("", ".", "..") and "/" not in v and "\0" not in v
+
+
+# --run_name names one folder under logs/; a path would put the run elsewhere.
+_run_name = Check(_plain_name, "must be one folder name under logs/ (no '/', not '.' or '..'); "
+                  "use --model_dir for a run elsewhere", inside=("cpu",), outside=("../escape", "a/b", ".."),
+                  show=repr)
+
+
 def _field(default, help_text: str, check: Check | None = None, *, identity: bool = False,
            hparam: bool = False, local: bool = False):
     """A Config field and what the engine knows of it.
@@ -158,11 +168,12 @@ class Config:
                            identity=True)
     # Optimisation.
     epochs: int = _field(150, "Epochs to train.", _at_least(1, 100000), hparam=True)
-    batch_size: int = _field(16, "Batch size per replica; the global batch is this times the replicas.",
-                             _at_least(1, 4096), hparam=True)
+    batch_size: int = _field(16, "Batch size per replica; the global batch is this times the replicas "
+                             "(a run's step clock counts its batches, so a run resumes only with its own).",
+                             _at_least(1, 4096), identity=True)
     learning_rate: float = _field(1e-4, "Adam learning rate.", _between(0.0, 10.0), hparam=True)
     warmup_epochs: float = _field(0.0, "Linear learning-rate warm-up over this many epochs (0 disables).",
-                                  NON_NEGATIVE_FLOAT, hparam=True)
+                                  _at_least(0.0, 100000.0), hparam=True)
     lr_schedule: str = _field("plateau", "After the warm-up: plateau (--learning_rate, lowered by the "
                               "plateau policy) or cosine (down to --min_lr at the last step; the "
                               "plateau policy is off).", _one_of(LR_SCHEDULES), hparam=True)
@@ -206,7 +217,7 @@ class Config:
                                  "slower).")
     # Run directory, logging, evaluation.
     model_dir: str = _field("", "Run directory ('' = logs/<run_name>).", _utf8, local=True)
-    run_name: str = _field("default", "Name of the run directory under logs/.", _utf8, local=True)
+    run_name: str = _field("default", "Name of the run directory under logs/.", _run_name, local=True)
     eval_every: int = _field(1, "Evaluate on the validation split every this many epochs.", POSITIVE)
     eval_batch_size: int = _field(0, "Evaluation batch size per replica (0 = --batch_size).",
                                   _at_least(0, 4096))

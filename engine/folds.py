@@ -28,12 +28,16 @@ def _cut(run_dir: str) -> str:
     Runs of one cut must hold disjoint patients; runs of several cuts (repeated k-fold with
     other --seed) score each patient once per cut.
     """
-    try:
-        with open(os.path.join(run_dir, "split.json")) as f:
-            stored = json.load(f)
-        return f"seed {stored.get('seed')}, {stored.get('num_folds', 0)} folds"
-    except (OSError, ValueError, AttributeError):
+    path = os.path.join(run_dir, "split.json")
+    if not os.path.exists(path):
         return "one cut"
+    try:
+        with open(path) as f:
+            stored = json.load(f)
+        return f"seed {stored['seed']}, {stored.get('num_folds', 0)} folds"
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        raise FoldsError(f"{path} is not a split brainseg wrote ({type(e).__name__}: {e}); it says "
+                         "which cut the run's patients belong to: train the fold again") from None
 
 
 def read_runs(run_dirs: list[str], split: str = "test") -> dict[str, dict[str, dict]]:
@@ -66,6 +70,9 @@ def read_runs(run_dirs: list[str], split: str = "test") -> dict[str, dict[str, d
                              f"--model_dir={run_dir} first") from None
         except (OSError, KeyError, ValueError, TypeError) as e:
             raise FoldsError(f"{path}: unreadable per-patient CSV ({type(e).__name__}: {e})") from None
+        if not scores:
+            raise FoldsError(f"{path} holds no patients (a '{PATIENT}' and a '{DICE}' column and a row "
+                             f"per patient); run --mode=evaluate --split={split} --model_dir={run_dir} again")
         cut = _cut(run_dir)
         for patient in scores:
             if (cut, patient) in owner:
@@ -164,4 +171,11 @@ if __name__ == "__main__":
     # Defined here, not at import, so importing this module adds no flags beside engine.flags'.
     _SPLIT = flags.DEFINE_enum("split", "test", ["train", "val", "test", "all"],
                                "Which per_patient_<split>.csv to combine.")
-    app.run(lambda argv: main(argv[1:], _SPLIT.value))
+    def parse(argv):
+        try:
+            return flags.FLAGS(argv)
+        except flags.Error as e:
+            print(f"engine.folds: {e}", file=sys.stderr)
+            sys.exit(2)
+
+    app.run(lambda argv: main(argv[1:], _SPLIT.value), flags_parser=parse)

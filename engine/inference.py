@@ -16,7 +16,8 @@ from data import volume as data_volume
 from engine import atomic
 from engine import checkpoint as checkpoint_lib
 from engine.checkpoint import CheckpointError
-from engine.rundir import FINAL_MODEL, INFERENCE_FILE, RunDir
+from engine.config import NORMALIZE
+from engine.rundir import FINAL_MODEL, INFERENCE_FILE, RunDir, RunDirError
 from engine.state import build_model
 from models import fused_batch_norm  # noqa: F401  (registers the layer that load_model reads)
 from models import postprocess
@@ -136,10 +137,49 @@ class InferenceSpec:
 
     @classmethod
     def from_json(cls, payload: dict, source: str) -> "InferenceSpec":
-        try:
-            return cls(**{**payload, "members": tuple(payload["members"])})
-        except (TypeError, KeyError) as e:
-            raise CheckpointError(f"{source} is not an inference record brainseg can read ({e})") from None
+        """The spec of a run's inference.json, every field checked as strictly as the flags.
+
+        Raises:
+          RunDirError: a field is missing, unknown, of the wrong type or out of range (named).
+        """
+        fields = {f.name for f in dataclasses.fields(cls)}
+        unknown, missing = sorted(set(payload) - fields), sorted({"members"} - set(payload))
+        if unknown or missing:
+            raise RunDirError(f"{source}: " + (f"unknown fields {unknown}" if unknown else f"no {missing[0]}")
+                              + "; train again, or remove the file to use the run's config.json")
+        for name, value in payload.items():
+            problem = _SPEC_CHECKS[name](value)
+            if problem:
+                raise RunDirError(f"{source}: {name} {problem}, got {value!r}; fix it, or remove the "
+                                  "file to use the run's config.json")
+        return cls(**{**payload, "members": tuple(payload["members"])})
+
+
+def _integer(low: int, high: int):
+    return lambda v: None if type(v) is int and low <= v <= high else f"must be an integer in [{low}, {high}]"
+
+
+def _flag(v) -> str | None:
+    return None if isinstance(v, bool) else "must be true or false"
+
+
+def _members(v) -> str | None:
+    ok = isinstance(v, list) and v and all(isinstance(m, str) and m and not os.path.isabs(m)
+                                           and ".." not in m.split("/") for m in v)
+    return None if ok else "must be a non-empty list of model files inside the run directory"
+
+
+_SPEC_CHECKS = {
+    "members": _members,
+    "normalize": lambda v: None if v in NORMALIZE else f"must be one of {', '.join(NORMALIZE)}",
+    "neighbours": _integer(0, 3),
+    "tta": _flag,
+    "threshold": lambda v: None if type(v) in (int, float) and 0 < v < 1 else "must be a number in (0, 1)",
+    "min_component_size": _integer(0, 10**9),
+    "min_component_voxels": _integer(0, 10**9),
+    "keep_largest_component": _flag,
+    "chosen_on": lambda v: None if isinstance(v, str) else "must be text",
+}
 
 
 def spec_for(config, *, members=(FINAL_MODEL,), chosen_on: str = "defaults") -> InferenceSpec:
@@ -268,6 +308,11 @@ def segmenter(config) -> Segmenter:
     """
     recorded = read_spec(config.run_dir)
     flags = RunDir(config.run_dir).read_config()  # the run's own flags, where it has a config.json
+    if not config.checkpoint and recorded is None and flags is None \
+            and not os.path.exists(os.path.join(config.run_dir, FINAL_MODEL)):
+        raise RunDirError(f"--model_dir={config.run_dir} is not a brainseg run (no {INFERENCE_FILE}, "
+                          f"config.json or {FINAL_MODEL}): point it at a trained run's directory, or "
+                          "name a model with --checkpoint")
     run_config = config if flags is None else dataclasses.replace(
         config, **{k: flags[k] for k in MODEL_FIELDS if k in flags})
     spec = recorded or spec_for(run_config, chosen_on="the run's config.json (no inference.json)"

@@ -42,7 +42,7 @@ class SplitData:
         return self.dataset.subset(self.split[name])
 
 
-def load_split(config: Config, run: RunDir, *, create: bool) -> SplitData:
+def load_split(config: Config, run: RunDir, *, create: bool, fresh: bool = False) -> SplitData:
     """The one way any mode gets its data: the dataset, and the run's split of it.
 
     A run keeps the split of its split.json, so a resumed run trains on the same patients; a
@@ -53,18 +53,20 @@ def load_split(config: Config, run: RunDir, *, create: bool) -> SplitData:
       run: the run directory holding (or about to hold) split.json.
       create: True for training, which makes the split when the run has none (`write_split`
         records it); False for readers (evaluate), which need a trained run's split.json.
+      fresh: make a new split whatever split.json holds (--overwrite, which removes it).
 
     Raises:
       lgg.DataError: bad data, a split.json that does not fit it, or none where one is needed.
       RunDirError: split.json is unreadable.
     """
     dataset = load_dataset(config)
-    return SplitData(dataset, run_split(dataset, run, config, create=create))
+    return SplitData(dataset, run_split(dataset, run, config, create=create, fresh=fresh))
 
 
-def run_split(dataset: lgg_dataset.LggDataset, run: RunDir, config: Config, *, create: bool) -> dict:
+def run_split(dataset: lgg_dataset.LggDataset, run: RunDir, config: Config, *, create: bool,
+              fresh: bool = False) -> dict:
     """The run's split of the dataset: its split.json, checked, or (create=True) a new one."""
-    path, stored = run.file(SPLIT_FILE), run.read_split()
+    path, stored = run.file(SPLIT_FILE), (None if fresh else run.read_split())
     if stored is None and not create:
         raise lgg.DataError(f"{path} does not exist: {run.path} holds no trained run (train it "
                             "first, or point --model_dir at a run directory)")

@@ -44,12 +44,24 @@ def fail(message: str, code: int) -> None:
     sys.exit(code)
 
 
-def parse_flags(argv: list[str]) -> list[str]:
-    """absl parsing with the project's one-line error and exit code 2 for a bad flag."""
+HELP = {"--help": False, "-help": False, "-h": False, "-?": False, "--helpshort": False, "--helpfull": True}
+
+
+def parse_flags(argv: list[str], flag_values: flags.FlagValues = FLAGS) -> list[str]:
+    """absl parsing with the project's one-line error and exit code 2 for a bad flag; help
+    (asked for, so not an error) exits 0."""
+    asked = [HELP[a] for a in argv[1:] if a in HELP]
+    if asked:
+        print(flag_values.get_help() if any(asked) else flag_values.module_help(engine_flags.__name__))
+        sys.exit(0)
     try:
-        return FLAGS(argv)
+        return flag_values(argv)
     except flags.Error as e:
         fail(str(e), 2)
+    except UnicodeDecodeError as e:
+        files = [a.split("=", 1)[1] for a in argv if a.startswith(("--flagfile=", "-flagfile="))]
+        fail(f"a --flagfile ({', '.join(files) or 'given'}) is not valid UTF-8 text: byte "
+             f"{e.object[e.start:e.start + 1]!r} at position {e.start}; save it as UTF-8", 2)
 
 
 def _lost_peer(message: str) -> str:
@@ -74,6 +86,8 @@ def run(config) -> int:
         rt = runtime_lib.resolve(config)
     except ClusterUnavailable as e:
         fail(str(e), 1)
+    except runtime_lib.TfConfigError as e:
+        fail(str(e), 2)
     logging.getLogger("engine").info(f"brainseg {config.mode}: {rt.describe()}")
     if not rt.is_chief:  # the chief speaks for the cluster; a worker only reports its errors
         for name in ("engine", "data", "models"):
@@ -99,7 +113,7 @@ def run(config) -> int:
         elif config.mode == "benchmark":
             from engine import benchmark
             benchmark.run(config, rt)
-    except (DataError, RunDirError, ClusterError) as e:
+    except (DataError, RunDirError, ClusterError, ConfigError) as e:
         fail(str(e), 2)
     except (tf.errors.UnavailableError, tf.errors.DeadlineExceededError, tf.errors.AbortedError,
             tf.errors.CancelledError) as e:
@@ -135,11 +149,7 @@ def invoke(args: list[str]) -> int:
     flag_values = flags.FlagValues()
     engine_flags.define_flags(flag_values)
     try:
-        try:
-            argv = flag_values(["engine.main", *args])
-        except flags.Error as e:
-            fail(str(e), 2)
-        main(argv, flag_values)
+        main(parse_flags(["engine.main", *args], flag_values), flag_values)
     except SystemExit as e:
         return e.code if isinstance(e.code, int) else (0 if e.code is None else 1)
     return 0

@@ -158,6 +158,33 @@ def _make_strategy(name: str, gpus: int, cpu_devices: int, timeout: int) -> tf.d
     return tf.distribute.OneDeviceStrategy("/gpu:0" if gpus else "/cpu:0")
 
 
+class TfConfigError(ValueError):
+    """TF_CONFIG is set but is not the cluster description TensorFlow reads."""
+
+
+def check_tf_config(text: str | None) -> None:
+    """Refuses a TF_CONFIG that TensorFlow would fail on deep inside the strategy.
+
+    Raises:
+      TfConfigError: not JSON, or no {"cluster": {...}, "task": {"type", "index"}} object.
+    """
+    if not text:
+        return
+    try:
+        value = json.loads(text)
+    except ValueError as e:
+        raise TfConfigError(f"TF_CONFIG is not valid JSON ({e}): expected "
+                            '{"cluster": {"worker": ["host:port", ...]}, "task": {"type": "worker", '
+                            '"index": 0}}') from None
+    task = value.get("task") if isinstance(value, dict) else None
+    if not (isinstance(value, dict) and isinstance(value.get("cluster"), dict) and isinstance(task, dict)
+            and task.get("type") in value["cluster"] and isinstance(task.get("index"), int)
+            and 0 <= task["index"] < len(value["cluster"][task["type"]])):
+        raise TfConfigError(f"TF_CONFIG={text!r} does not describe a cluster and this worker's place "
+                            "in it: expected {\"cluster\": {\"worker\": [...]}, \"task\": {\"type\": "
+                            "\"worker\", \"index\": <its position in the list>}}")
+
+
 def _task(strategy: tf.distribute.Strategy) -> tuple[int, int, bool]:
     """(workers, this worker's index, whether it is the chief) of a multi-worker strategy's TF_CONFIG."""
     if not isinstance(strategy, tf.distribute.MultiWorkerMirroredStrategy):
@@ -185,6 +212,7 @@ def resolve(config) -> Runtime:
     """
     c = config
     precision, jit_compile, strategy, batch_size = c.precision, c.jit_compile, c.strategy, c.batch_size
+    check_tf_config(os.environ.get("TF_CONFIG"))
     threads, deterministic, seed, cpu_devices = c.threads, c.deterministic, c.seed, c.cpu_devices
     if threads:
         tf.config.threading.set_intra_op_parallelism_threads(threads)

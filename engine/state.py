@@ -17,7 +17,7 @@ from engine import checkpoint as checkpoint_lib
 from engine import steps as steps_lib
 from engine.checkpoint import CheckpointError, CheckpointInfo, CheckpointManager
 from engine.cluster import Cluster
-from engine.config import Config
+from engine.config import Config, ConfigError
 from engine.runtime import Runtime
 from models import unet
 
@@ -31,6 +31,34 @@ def build_model(config: Config, runtime: Runtime | None = None) -> keras.Model:
         dropout=config.dropout, batch_norm=config.batch_norm,
         in_channels=volume.channels(config.neighbours),
         sync_batch_norm=bool(runtime and runtime.sync_batch_norm))
+
+
+# Float32 tensors a training step keeps per pixel and channel of each U-Net level, counted
+# roughly: the encoder's and decoder's convolution, BatchNorm and ReLU outputs, the
+# concatenation and their gradients. A refusal needs the order of magnitude, not the byte.
+_TENSORS_PER_LEVEL = 24
+_WEIGHT_COPIES = 4  # the weights, their gradients and Adam's two moments
+
+
+def check_memory(config: Config, batch: int) -> None:
+    """Refuses a model or batch that cannot fit this machine's memory, before anything runs.
+
+    Raises:
+      ConfigError: the estimate exceeds the physical memory; it names the flags and the sizes.
+    """
+    params = unet.unet_size(image_size=config.image_size, base_filters=config.base_filters,
+                            depth=config.depth, in_channels=volume.channels(config.neighbours)).params
+    per_image = sum((config.image_size >> level) ** 2 * (config.base_filters << level)
+                    for level in range(config.depth + 1)) * _TENSORS_PER_LEVEL * 4
+    need = params * 4 * _WEIGHT_COPIES + per_image * max(batch, config.eval_batch)
+    have = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    if need > have:
+        raise ConfigError(
+            "batch_size", f"--base_filters={config.base_filters} --depth={config.depth} "
+            f"--image_size={config.image_size} with batches of {max(batch, config.eval_batch)} needs "
+            f"about {need / 2**30:.0f} GiB ({params:,} parameters, {per_image / 2**20:.0f} MiB of "
+            f"activations per image), more than this machine's {have / 2**30:.0f} GiB: use a smaller "
+            "model, image size or batch")
 
 
 @dataclasses.dataclass

@@ -12,15 +12,17 @@ import shutil
 import numpy as np
 import tensorflow as tf
 
+from data import dataset as lgg_dataset
 from data import pipeline
+from data.lgg import DataError
 from engine import actions, inputs, postprocessing
 from engine import state as state_lib
-from engine.checkpoint import CheckpointManager, restore
+from engine.checkpoint import CheckpointError, CheckpointManager, find_checkpoint, restore
 from engine.cluster import Cluster
-from engine.config import HPARAM_FIELDS, LOCAL_FIELDS, Config
+from engine.config import HPARAM_FIELDS, LOCAL_FIELDS, Config, ConfigError
 from engine.controller import Controller, StopRequest
 from engine.policies import EarlyStopping, ReduceLROnPlateau
-from engine.rundir import FINAL_MODEL, MEMBERS, RunDir
+from engine.rundir import FINAL_MODEL, MEMBERS, RunDir, RunDirError
 from engine.runtime import Runtime
 from engine.schedule import Schedule
 from engine.summaries import SummaryWriter
@@ -43,16 +45,57 @@ def run(config: Config, runtime: Runtime) -> dict:
     """
     cluster = Cluster(runtime.strategy, num_workers=runtime.num_workers, worker_index=runtime.worker_index)
     # From the start, so that a signal while the data loads still ends in a save, not a kill.
-    with StopRequest() as stop, _open(config, runtime, cluster) as run_dir:
-        if config.ensemble < 2:
-            summary = train_model(config, runtime, run_dir, cluster, stop)
-            val = summary.pop("data").part("val")
-            held_out, members = ([(FINAL_MODEL, val)] if val.records else []), [FINAL_MODEL]
-        else:
-            summary, held_out, members = _train_members(config, runtime, run_dir, cluster, stop)
-        if summary["stopped"] in ("SIGTERM", "SIGINT") or not runtime.is_chief:
-            return summary
-        return {**summary, "inference": postprocessing.record(config, run_dir, held_out, members=members)}
+    with StopRequest() as stop:
+        # Everything that can refuse the run is checked before the run directory is written.
+        data = cluster.together("load the data", lambda: _before_writing(config, runtime))
+        with _open(config, runtime, cluster) as run_dir:
+            if run_dir.read_split() is None:
+                inputs.write_split(run_dir, config, data.split)
+            if config.ensemble < 2:
+                summary = train_model(config, runtime, run_dir, cluster, stop, data)
+                val = data.part("val")
+                held_out, members = ([(FINAL_MODEL, val)] if val.records else []), [FINAL_MODEL]
+            else:
+                summary, held_out, members = _train_members(config, runtime, run_dir, cluster, stop, data)
+            if summary["stopped"] in ("SIGTERM", "SIGINT") or not runtime.is_chief:
+                return summary
+            return {**summary, "inference": postprocessing.record(config, run_dir, held_out, members=members)}
+
+
+def _before_writing(config: Config, runtime: Runtime) -> inputs.SplitData:
+    """The data and its split, and every refusal that needs no write, before anything is written:
+    a refused command leaves the run directory as it was (or absent)."""
+    state_lib.check_memory(config, config.batch_size)
+    run = RunDir(config.run_dir, writer=False)
+    if os.path.exists(run.checkpoints) and not os.path.isdir(run.checkpoints):
+        raise RunDirError(f"{run.checkpoints} is a file, not the run's checkpoints folder; the run "
+                          "is left as it is: move the file away")
+    if os.path.isdir(run.path) and not config.overwrite:
+        run.read_config()  # a config.json brainseg did not write is refused here, by name
+        resumable = CheckpointManager(directory=run.checkpoints).entries()
+        if not resumable and run.history() and runtime.is_chief:
+            raise RunDirError(
+                f"{run.path} holds {len(run.history())} epochs of training history but no checkpoint "
+                f"to resume from ({run.checkpoints} is missing or empty); the run and its final model "
+                "are left as they are. Pass --overwrite to train it again from step 0, or use "
+                "another --model_dir")
+        if config.restore_from and not resumable:
+            _check_restore_from(config.restore_from)
+    elif config.restore_from:
+        _check_restore_from(config.restore_from)
+    data = inputs.load_split(config, run, create=True, fresh=config.overwrite)
+    train = data.part("train")
+    problem = lgg_dataset.class_problem(int(train.positive.sum()), len(train.records), config.positive_fraction)
+    if problem:
+        raise DataError(f"{config.data_dir}: {problem}")
+    return data
+
+
+def _check_restore_from(source: str) -> None:
+    try:
+        find_checkpoint(source)
+    except CheckpointError as e:
+        raise ConfigError("restore_from", str(e)) from None
 
 
 def _open(config: Config, runtime: Runtime, cluster: Cluster) -> RunDir:
@@ -63,9 +106,9 @@ def _open(config: Config, runtime: Runtime, cluster: Cluster) -> RunDir:
     return run_dir
 
 
-def _train_members(config: Config, runtime: Runtime, top: RunDir, cluster: Cluster, stop: StopRequest):
+def _train_members(config: Config, runtime: Runtime, top: RunDir, cluster: Cluster, stop: StopRequest,
+                   data: inputs.SplitData):
     """Trains the K fold members; returns the last summary, the held-out folds and the members."""
-    data = cluster.together("load the data", lambda: _load_data(config, top, None))
     members, held_out, summary = [], [], {}
     for k, fold in enumerate(member_folds(data.split["train"] + data.split["val"], config.ensemble,
                                           seed=config.seed)):
@@ -76,14 +119,21 @@ def _train_members(config: Config, runtime: Runtime, top: RunDir, cluster: Clust
         member_config = dataclasses.replace(config, model_dir=os.path.join(config.run_dir, MEMBERS, str(k)),
                                             ensemble=0, num_folds=0, fold=0, overwrite=False)
         with _open(member_config, runtime, cluster) as member:
-            summary = train_model(member_config, runtime, member, cluster, stop,
-                                  split=(split, {"ensemble_member": k}))
-        summary.pop("data")
+            member_data = cluster.together("read the member's split",
+                                           lambda: _member_data(member_config, member, data, split, k))
+            summary = train_model(member_config, runtime, member, cluster, stop, member_data)
         if summary["stopped"] in ("SIGTERM", "SIGINT"):
             break
         members.append(os.path.join(MEMBERS, str(k), FINAL_MODEL))
         held_out.append((members[-1], data.dataset.subset(fold)))
     return summary, held_out, members
+
+
+def _member_data(config: Config, run: RunDir, data: inputs.SplitData, split: dict, k: int) -> inputs.SplitData:
+    """A fold member's split, recorded in its split.json the first time and checked after."""
+    if run.read_split() is None:
+        inputs.write_split(run, config, split, ensemble_member=k)
+    return inputs.SplitData(data.dataset, inputs.run_split(data.dataset, run, config, create=True))
 
 
 def member_folds(patients: list[str], k: int, *, seed: int) -> list[list[str]]:
@@ -93,8 +143,8 @@ def member_folds(patients: list[str], k: int, *, seed: int) -> list[list[str]]:
     return [sorted(order[i] for i in chunk) for chunk in np.array_split(np.arange(len(pool)), k)]
 
 
-def train_model(config: Config, runtime: Runtime, run_dir: RunDir, cluster: Cluster, stop: StopRequest, *,
-                split: tuple[dict, dict] | None = None) -> dict:
+def train_model(config: Config, runtime: Runtime, run_dir: RunDir, cluster: Cluster, stop: StopRequest,
+                data: inputs.SplitData) -> dict:
     """Trains one model to --epochs or an early stop, resuming from its run directory if it can.
 
     Args:
@@ -103,8 +153,7 @@ def train_model(config: Config, runtime: Runtime, run_dir: RunDir, cluster: Clus
       run_dir: its open run directory.
       cluster: what the workers agree through (nothing on one process).
       stop: the signal a run saves and ends on.
-      split: (a split, extra split.json fields) to record for a run that has none (an ensemble
-        member's); None makes the split from the flags.
+      data: the dataset and the run's split (recorded in its split.json).
 
     Returns:
       A summary: final step, epoch, best metric, why training ended ("finished", an
@@ -114,7 +163,6 @@ def train_model(config: Config, runtime: Runtime, run_dir: RunDir, cluster: Clus
       RunDirError, DataError, CheckpointError: a user-facing problem, named.
       NonFiniteLossError: the loss went NaN; the last good checkpoint is intact.
     """
-    data = cluster.together("load the data", lambda: _load_data(config, run_dir, split))
     cluster.check_same("patients or split", data.split)
     state = state_lib.TrainState.build(config, runtime)
     wired = _wire(config, runtime, run_dir, data, state, cluster)
@@ -125,7 +173,7 @@ def train_model(config: Config, runtime: Runtime, run_dir: RunDir, cluster: Clus
         if not runtime.is_chief:  # its copies of the checkpoints were only there to take part
             shutil.rmtree(wired.checkpointer.manager.directory, ignore_errors=True)
     step, per_epoch = wired.trainer.step, wired.trainer.steps_per_epoch
-    summary = {"step": step, "epoch": step // per_epoch, "data": data, "restored": restored is not None,
+    summary = {"step": step, "epoch": step // per_epoch, "restored": restored is not None,
                "traces": {**wired.steps.traces, "predict": wired.overlays.predictor.traces}}
     if signal_name:
         wired.writer.close()
@@ -140,16 +188,6 @@ def train_model(config: Config, runtime: Runtime, run_dir: RunDir, cluster: Clus
 def _where(step: int, per_epoch: int) -> str:
     epoch, offset = divmod(step, per_epoch)
     return f"{offset}/{per_epoch} steps into epoch {epoch + 1}" if offset else f"end of epoch {epoch}"
-
-
-def _load_data(config: Config, run: RunDir, split: tuple[dict, dict] | None) -> inputs.SplitData:
-    """The dataset and the run's split, recorded in split.json the first time."""
-    if split is not None and run.read_split() is None:
-        inputs.write_split(run, config, split[0], **split[1])
-    data = inputs.load_split(config, run, create=True)
-    if run.read_split() is None:
-        inputs.write_split(run, config, data.split)
-    return data
 
 
 @dataclasses.dataclass
