@@ -1,0 +1,138 @@
+"""brainseg deletes or replaces only files it recorded writing: --overwrite beside the user's files,
+an ensemble's members/, predict into a labelled tree, export over a foreign folder, and a torn
+history.jsonl."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+
+import pytest
+
+from engine.rundir import RECORD_FILE, RunDir, RunDirError, versions
+from tests.helpers import config_flags, read_history, run_engine, tiny_config
+
+pytestmark = pytest.mark.slow
+
+
+def _tiny(run_dir, **overrides):
+    values = dict(image_size=32, base_filters=4, depth=2, batch_size=8, epochs=1, num_overlays=0)
+    return tiny_config(run_dir, **{**values, **overrides})
+
+
+def _error_lines(stderr: str) -> list[str]:
+    """stderr without TensorFlow's C++ start-up lines, which ignore TF_CPP_MIN_LOG_LEVEL."""
+    return [line for line in stderr.splitlines() if line.strip() and not line.startswith(
+        ("I0000", "W0000", "E0000", "WARNING: All log messages"))]
+
+
+def _tree(folder) -> dict[str, bytes | None]:
+    """Every path under folder with its bytes (None for a folder), but the lock."""
+    return {str(p.relative_to(folder)): (p.read_bytes() if p.is_file() else None)
+            for p in sorted(folder.rglob("*")) if p.name != ".lock"}
+
+
+# --- 1. --overwrite removes what the run recorded, beside files of the engine's own name patterns -----
+
+
+def test_overwrite_keeps_user_files_that_look_like_the_engines(tmp_path):
+    run_dir = tmp_path / "run"
+    run_engine(config_flags(_tiny(run_dir)), check=True)
+    run_engine(config_flags(_tiny(run_dir, mode="evaluate", split="val")), check=True)
+    assert (run_dir / "eval_val.md").exists()
+    mine = {"eval_my_notes.md": b"notes", "per_patient_manual.csv": b"a,b\n",
+            "events.out.tfevents.my_own_log": b"log", "checkpoints/ckpt-manual-backup/weights.h5": b"w"}
+    for name, data in mine.items():
+        (run_dir / name).parent.mkdir(parents=True, exist_ok=True)
+        (run_dir / name).write_bytes(data)
+    old_events = {p.name for p in run_dir.glob("events.out.tfevents.*")} - {"events.out.tfevents.my_own_log"}
+    run_engine(config_flags(_tiny(run_dir, base_filters=8, overwrite=True)), check=True)
+    for name, data in mine.items():
+        assert (run_dir / name).read_bytes() == data, name
+    assert not list(run_dir.glob("eval_val*")), "the engine's own evaluation goes with its run"
+    assert not old_events & {p.name for p in run_dir.glob("events.out.tfevents.*")}
+    assert json.loads((run_dir / "config.json").read_text())["config"]["base_filters"] == 8
+    assert len(read_history(run_dir)) == 1
+    written = json.loads((run_dir / RECORD_FILE).read_text())["written"]
+    assert {"config.json", "split.json", "history.jsonl", "final_model.keras"} <= set(written)
+    assert len([n for n in written if n.startswith("events.out.tfevents.")]) == 1
+    assert not any(n.startswith(("eval_", "per_patient_")) for n in written)
+
+
+def test_overwrite_of_a_run_without_a_record_is_refused_and_changes_nothing(tmp_path):
+    run_dir = tmp_path / "old"
+    run_dir.mkdir()
+    # What a brainseg from before written.json leaves: its config.json and files of its names.
+    (run_dir / "config.json").write_text(json.dumps({"config": _tiny(run_dir).to_dict(),
+                                                     "versions": versions()}))
+    (run_dir / "history.jsonl").write_text('{"epoch": 1}\n')
+    (run_dir / "eval_my_notes.md").write_text("mine")
+    before = _tree(run_dir)
+    proc = run_engine(config_flags(_tiny(run_dir, base_filters=8, overwrite=True)))
+    assert proc.returncode == 2, proc.stdout + proc.stderr
+    lines = _error_lines(proc.stderr)
+    assert len(lines) == 1 and RECORD_FILE in lines[0] and str(run_dir) in lines[0], lines
+    assert _tree(run_dir) == before
+
+
+# --- 2. members/ holds only brainseg's members for --overwrite ---------------------------------------
+
+
+def test_overwrite_of_an_ensemble_leaves_a_members_folder_brainseg_did_not_write(tmp_path):
+    run_dir = tmp_path / "ens"
+    run_engine(config_flags(_tiny(run_dir, ensemble=2)), check=True)
+    mine = run_dir / "members" / "mine"
+    mine.mkdir()
+    (mine / "config.json").write_text('{"lr": 0.1}')
+    (mine / "history.jsonl").write_text("my own\n")
+    stale = run_dir / "members" / "1" / "history.jsonl"
+    stale.write_text(stale.read_text() + '{"epoch": 99}\n')
+    run_engine(config_flags(_tiny(run_dir, ensemble=2, base_filters=8, overwrite=True)), check=True)
+    assert (mine / "config.json").read_text() == '{"lr": 0.1}'
+    assert (mine / "history.jsonl").read_text() == "my own\n"
+    for k in ("0", "1"):
+        member = run_dir / "members" / k
+        assert json.loads((member / "config.json").read_text())["config"]["base_filters"] == 8
+        assert [h["epoch"] for h in read_history(member)] == [1]
+
+
+# --- 6. history.jsonl: a torn last line is dropped, a damaged middle is named -----------------------
+
+
+def test_a_torn_last_history_line_is_dropped_and_the_run_resumes(tmp_path):
+    run_dir = tmp_path / "run"
+    run_engine(config_flags(_tiny(run_dir)), check=True)
+    with open(run_dir / "history.jsonl", "a") as f:
+        f.write('{"epoch": 2, "train_lo')  # a kill during the append
+    proc = run_engine(config_flags(_tiny(run_dir, epochs=2)))
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert "history.jsonl" in proc.stdout and "dropped its last line" in proc.stdout
+    assert [h["epoch"] for h in read_history(run_dir)] == [1, 2]
+
+
+def test_history_tolerates_only_a_bad_last_line(tmp_path, caplog):
+    path = tmp_path / "history.jsonl"
+    path.write_text('{"epoch": 1}\n{"epoch": 2}\ngarbage\n')
+    with caplog.at_level(logging.WARNING, logger="engine"):
+        assert RunDir(str(tmp_path), writer=False).history() == [{"epoch": 1}, {"epoch": 2}]
+    assert any("history.jsonl" in r.getMessage() for r in caplog.records)
+    assert path.read_text().endswith("garbage\n")  # a reader never writes
+    assert RunDir(str(tmp_path)).history() == [{"epoch": 1}, {"epoch": 2}]
+    assert path.read_text() == '{"epoch": 1}\n{"epoch": 2}\n'
+    path.write_text('{"epoch": 1}\n[1, 2\n{"epoch": 3}\n')
+    with pytest.raises(RunDirError, match=r"history.jsonl, line 2"):
+        RunDir(str(tmp_path)).history()
+    assert path.read_text() == '{"epoch": 1}\n[1, 2\n{"epoch": 3}\n'
+
+
+def test_a_garbage_line_inside_the_history_is_exit_2_naming_it(tmp_path):
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    (run_dir / "config.json").write_text(json.dumps({"config": _tiny(run_dir).to_dict(),
+                                                     "versions": versions()}))
+    (run_dir / "history.jsonl").write_text('garbage\n{"epoch": 1}\n')
+    proc = run_engine(config_flags(_tiny(run_dir, epochs=2)))
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr
+    lines = _error_lines(proc.stderr)
+    assert len(lines) == 1 and "history.jsonl, line 1" in lines[0], lines
