@@ -8,10 +8,13 @@ import json
 import logging
 import os
 
+import numpy as np
 import pytest
+import tifffile
 
+from engine import predict
 from engine.rundir import RECORD_FILE, RunDir, RunDirError, versions
-from tests.helpers import config_flags, read_history, run_engine, tiny_config
+from tests.helpers import config_flags, model_only_config, pointwise_model, read_history, run_engine, tiny_config
 
 pytestmark = pytest.mark.slow
 
@@ -95,6 +98,75 @@ def test_overwrite_of_an_ensemble_leaves_a_members_folder_brainseg_did_not_write
         member = run_dir / "members" / k
         assert json.loads((member / "config.json").read_text())["config"]["base_filters"] == 8
         assert [h["epoch"] for h in read_history(member)] == [1]
+
+
+# --- 3, 4. predict replaces only the masks it recorded writing ---------------------------------------
+
+
+def _model_dir(tmp_path, name: str, sign: float = 1.0):
+    """A saved 1x1-conv model: lesion where FLAIR is bright (sign 1) or where it is dark (-1)."""
+    model = pointwise_model(64)
+    kernel, bias = model.layers[-1].get_weights()
+    model.layers[-1].set_weights([kernel * sign, bias * sign])
+    folder = tmp_path / name
+    folder.mkdir()
+    model.save(str(folder / "final_model.keras"))
+    return folder
+
+
+def _slices(folder, names) -> None:
+    folder.mkdir(parents=True, exist_ok=True)
+    image = np.full((64, 64, 3), 30, np.uint8)
+    image[:, :32, 1] = 200  # bright on the left half
+    for name in names:
+        tifffile.imwrite(folder / f"{name}.tif", image)
+
+
+def _predict(tmp_path, model_dir, source, target):
+    config = model_only_config(tmp_path, image_size=64, mode="predict", batch_size=3,
+                               model_dir=str(model_dir), input=str(source), output=str(target))
+    return run_engine(config_flags(config))
+
+
+def test_predict_into_a_labelled_tree_is_refused_before_writing(tmp_path):
+    model_dir = _model_dir(tmp_path, "model")
+    images = tmp_path / "images" / "P1"
+    _slices(images, ["P1_1", "P1_2", "P1_3"])
+    labelled = tmp_path / "kaggle_3m" / "P1"
+    _slices(labelled, ["P1_1", "P1_2", "P1_3"])
+    for n in (1, 2):
+        tifffile.imwrite(labelled / f"P1_{n}_mask.tif", np.full((64, 64), 255, np.uint8))
+    before = _tree(tmp_path / "kaggle_3m")
+    proc = _predict(tmp_path, model_dir, tmp_path / "images", tmp_path / "kaggle_3m")
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stdout + proc.stderr
+    lines = _error_lines(proc.stderr)
+    assert len(lines) == 1 and str(labelled / "P1_1_mask.tif") in lines[0] and "2 such" in lines[0], lines
+    assert _tree(tmp_path / "kaggle_3m") == before  # no mask, no record, no temporary
+
+
+def test_predicting_again_in_place_replaces_its_own_masks_and_keeps_ground_truth(tmp_path):
+    folder = tmp_path / "data" / "P1"
+    _slices(folder, ["P1_1", "P1_2", "P1_3"])
+    truth = np.zeros((64, 64), np.uint8)
+    truth[5:9, 5:9] = 255
+    tifffile.imwrite(folder / "P1_3_mask.tif", truth)
+    root = tmp_path / "data"
+    bright, dark = _model_dir(tmp_path, "bright"), _model_dir(tmp_path, "dark", sign=-1.0)
+    assert _predict(tmp_path, bright, root, root).returncode == 0
+    first = tifffile.imread(folder / "P1_1_mask.tif")
+    assert (first[:, :28] == 255).all() and (first[:, 36:] == 0).all()
+    assert json.loads((root / predict.RECORD_FILE).read_text())["written"] == [
+        "P1/P1_1_mask.tif", "P1/P1_2_mask.tif"]
+    proc = _predict(tmp_path, dark, root, root)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert "Wrote 2 mask(s)" in proc.stdout and "Skipping 1 image(s)" in proc.stdout, proc.stdout
+    for n in (1, 2):
+        again = tifffile.imread(folder / f"P1_{n}_mask.tif")
+        assert (again[:, :28] == 0).all() and (again[:, 36:] == 255).all()  # the second model's
+    np.testing.assert_array_equal(tifffile.imread(folder / "P1_3_mask.tif"), truth)
+    jobs, protected = predict.plan(root, root)  # its own masks are never read as images
+    assert sorted(j.source.name for j in jobs) == ["P1_1.tif", "P1_2.tif"]
+    assert [j.source.name for j in protected] == ["P1_3.tif"]
 
 
 # --- 6. history.jsonl: a torn last line is dropped, a damaged middle is named -----------------------
