@@ -169,6 +169,36 @@ def test_predicting_again_in_place_replaces_its_own_masks_and_keeps_ground_truth
     assert [j.source.name for j in protected] == ["P1_3.tif"]
 
 
+# --- 5. export replaces only an export of brainseg's -----------------------------------------------
+
+
+def test_export_over_a_folder_brainseg_did_not_export_changes_nothing(tmp_path):
+    model_dir = _model_dir(tmp_path, "model")
+    theirs = tmp_path / "theirs"
+    (theirs / "variables").mkdir(parents=True)
+    (theirs / "saved_model.pb").write_bytes(b"their graph")
+    (theirs / "variables" / "variables.index").write_bytes(b"their weights")
+    (theirs / "notes.txt").write_text("mine")
+    a_file = tmp_path / "a_file"
+    a_file.write_text("x")
+    before = _tree(tmp_path)
+    for target, words in ((theirs, "brainseg_export.json"), (a_file / "sub", "is a file")):
+        config = model_only_config(tmp_path, image_size=64, mode="export", model_dir=str(model_dir),
+                                   export_dir=str(target))
+        proc = run_engine(config_flags(config))
+        assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stdout + proc.stderr
+        lines = _error_lines(proc.stderr)
+        assert len(lines) == 1 and str(target) in lines[0] and words in lines[0], lines
+    assert _tree(tmp_path) == before
+    ours = tmp_path / "ours"
+    for _ in range(2):  # its own export is replaced
+        config = model_only_config(tmp_path, image_size=64, mode="export", model_dir=str(model_dir),
+                                   export_dir=str(ours))
+        assert run_engine(config_flags(config)).returncode == 0
+    assert (ours / "brainseg_export.json").exists()
+    assert not [p.name for p in tmp_path.iterdir() if p.name.startswith(".")]
+
+
 # --- 6. history.jsonl: a torn last line is dropped, a damaged middle is named -----------------------
 
 
