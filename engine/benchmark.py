@@ -413,10 +413,11 @@ def run(config: Config, runtime: Runtime) -> dict:
     if config.benchmark_compare_precision:
         report["precisions"] = compare_precisions(config, runtime, make_train_ds, eval_ds, eval_batch,
                                                   forward_flops=size.forward_flops_per_image)
-    if config.benchmark_profile:
-        report["profile_dir"] = profile(steps, iterator, config.run_dir, calls=3,
-                                        per_call=config.steps_per_execution)
-    RunDir(config.run_dir, writer=runtime.is_chief).write_json(BENCHMARK_FILE, report)
+    run = RunDir(config.run_dir, writer=runtime.is_chief)
+    if config.benchmark_profile:  # the trace's folder is named by the profiler: recorded as it appears
+        report["profile_dir"] = run.recording(os.path.join("plugins", "profile"), "*", lambda: profile(
+            steps, iterator, config.run_dir, calls=3, per_call=config.steps_per_execution))
+    run.write_json(BENCHMARK_FILE, report)
     for line in table(report, config, runtime).splitlines():
         log.info(line)
     return report

@@ -362,6 +362,24 @@ def _checkpoint_dirs(directory: str) -> list[tuple[int, str]]:
     return sorted(p for p in found if os.path.isdir(p[1]))
 
 
+def owned_entries(directory: str) -> list[str]:
+    """The names in `directory` this manager wrote: its ckpt-<step> folders (its index) and the
+    temporaries of their saves and deletions; anything else there (ckpt-manual-backup) is not."""
+    try:
+        names = os.listdir(directory)
+    except (FileNotFoundError, NotADirectoryError):
+        return []
+
+    def temporary(name: str) -> bool:
+        prefix = next((p for p in (atomic.TMP_PREFIX, atomic.OLD_PREFIX, atomic.DEL_PREFIX)
+                       if name.startswith(p)), None)
+        rest = name[len(prefix):].rsplit("-", 1) if prefix else []
+        return len(rest) == 2 and rest[1].isdigit() and bool(_CKPT_DIR.match(rest[0]))
+
+    return sorted(n for n in names
+                  if (_CKPT_DIR.match(n) and os.path.isdir(os.path.join(directory, n))) or temporary(n))
+
+
 def _is_checkpoint_dir(path: str) -> bool:
     """One checkpoint (rather than a folder of them): it has a state.json or a ckpt-* name."""
     return (os.path.isfile(os.path.join(path, STATE_FILE))

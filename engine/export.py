@@ -5,15 +5,13 @@ from __future__ import annotations
 import json
 import logging
 import os
-import re
 import shutil
-import tempfile
 
 import numpy as np
 import tensorflow as tf
 
 from data import volume
-from engine import inference, rundir
+from engine import atomic, inference, rundir
 from engine.config import Config
 from engine.inference import Segmenter, probabilities
 from engine.rundir import RunDirError
@@ -24,7 +22,7 @@ SERVING_SIZE = 256  # the Kaggle LGG slice size
 SIGNATURE = "serving_default"
 INPUT_NAME = "images"
 OUTPUT_NAME = "probabilities"
-METADATA_FILE = "brainseg_export.json"
+METADATA_FILE = rundir.EXPORT_MARKER  # "brainseg_export.json": the mark of an export brainseg wrote
 # Largest difference between the reloaded SavedModel and the engine tolerated by the self-check.
 TOLERANCE = 1e-4
 
@@ -49,7 +47,7 @@ class ServingModule(tf.Module):
 
 
 def export_saved_model(segmenter: Segmenter, export_dir: str, *, metadata: dict | None = None) -> str:
-    """Writes the SavedModel, replacing a previous export in one rename.
+    """Writes the SavedModel, replacing a previous export of brainseg's in one rename.
 
     Args:
       segmenter: the run's inference (its members, model inputs and TTA go into the graph; the
@@ -61,17 +59,21 @@ def export_saved_model(segmenter: Segmenter, export_dir: str, *, metadata: dict 
       export_dir.
 
     Raises:
-      RunDirError: export_dir exists and is not a SavedModel (it is never deleted).
+      RunDirError: export_dir (or a folder above it) is a file, or holds something that is not
+        brainseg's export; nothing is changed.
     """
     export_dir = os.path.abspath(export_dir)
-    if os.path.exists(export_dir) and not os.path.exists(os.path.join(export_dir, "saved_model.pb")):
-        if not os.path.isdir(export_dir) or os.listdir(export_dir):
-            raise RunDirError(f"--export_dir={export_dir} exists and is not a SavedModel; "
-                              f"refusing to replace it (choose another --export_dir)")
+    check_target(export_dir)
     parent = os.path.dirname(export_dir)
     os.makedirs(parent, exist_ok=True)
-    _clean_after_killed_exports(parent, export_dir)
-    tmp = tempfile.mkdtemp(prefix=f".tmp-export-{os.getpid()}-", dir=parent)
+    # What an export killed midway left: its half-written folder goes, a moved-aside one comes back.
+    restored, removed = atomic.recover_dirs(parent, names=lambda n: n == os.path.basename(export_dir),
+                                            alive=_alive)
+    for path in restored:
+        log.info(f"Put back {path}: an export was killed before replacing it")
+    for path in removed:
+        log.info(f"Removed {path}, left by an export that was killed")
+    tmp = atomic.temporary_dir(export_dir)
     spec = segmenter.spec
     try:
         module = ServingModule(segmenter)
@@ -85,33 +87,33 @@ def export_saved_model(segmenter: Segmenter, export_dir: str, *, metadata: dict 
                        "model_image_size": segmenter.image_size, "members": len(segmenter.models),
                        "inference": spec.to_json(), "threshold": spec.threshold,
                        "tensorflow": tf.__version__, **(metadata or {})}, f, indent=2, sort_keys=True)
-        old = None
-        if os.path.exists(export_dir):
-            old = tempfile.mkdtemp(prefix=f".old-export-{os.getpid()}-", dir=parent)
-            os.replace(export_dir, os.path.join(old, "saved_model"))
-        os.replace(tmp, export_dir)
+        atomic.swap_in_dir(tmp, export_dir)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    if old:
-        shutil.rmtree(old, ignore_errors=True)
     return export_dir
 
 
-def _clean_after_killed_exports(parent: str, export_dir: str) -> None:
-    """Removes what an export killed midway left in `parent`: its half-written SavedModel, and
-    puts back a previous export it had moved aside. Leftovers of a live export are left alone."""
-    for name in sorted(os.listdir(parent)):
-        match = re.match(r"^\.(tmp|old)-export-(\d+)-", name)
-        if not match or _alive(int(match.group(2))):
-            continue
-        path = os.path.join(parent, name)
-        moved = os.path.join(path, "saved_model")
-        if match.group(1) == "old" and os.path.isdir(moved) and not os.path.exists(export_dir):
-            os.replace(moved, export_dir)
-            log.info(f"Put back {export_dir}: an export was killed before replacing it")
-        shutil.rmtree(path, ignore_errors=True)
-        log.info(f"Removed {path}, left by an export that was killed")
+def check_target(export_dir: str) -> None:
+    """Refuses an --export_dir that is a file, lies under a file, or is a folder holding anything
+    but brainseg's own export (marked by its brainseg_export.json); an empty folder is fine.
+
+    Raises:
+      RunDirError: the message names the path.
+    """
+    above = os.path.dirname(export_dir)
+    while not os.path.exists(above) and os.path.dirname(above) != above:
+        above = os.path.dirname(above)
+    if not os.path.isdir(above):
+        raise RunDirError(f"--export_dir={export_dir}: {above} is a file, not a folder; choose "
+                          "another --export_dir")
+    if os.path.lexists(export_dir) and not os.path.isdir(export_dir):
+        raise RunDirError(f"--export_dir={export_dir} exists and is not a folder; refusing to replace "
+                          "it (choose another --export_dir)")
+    if (os.path.isdir(export_dir) and os.listdir(export_dir)
+            and not os.path.isfile(os.path.join(export_dir, METADATA_FILE))):
+        raise RunDirError(f"--export_dir={export_dir} is not a SavedModel brainseg exported (it has no "
+                          f"{METADATA_FILE}); refusing to replace it: choose another --export_dir")
 
 
 def _alive(pid: int) -> bool:
@@ -146,11 +148,12 @@ def run(config: Config) -> str:
 
     Raises:
       CheckpointError: no model where the flags point.
-      RunDirError: --export_dir holds something that is not a SavedModel, or the
-        reloaded export disagrees with the engine.
+      RunDirError: --export_dir is a file or under one, holds something that is not
+        brainseg's export, or the reloaded export disagrees with the engine.
     """
+    export_dir = os.path.abspath(config.export_dir or os.path.join(config.run_dir, rundir.SAVED_MODEL))
+    check_target(export_dir)  # before the model loads: a refusal does no work
     segmenter = inference.segmenter(config)
-    export_dir = config.export_dir or os.path.join(config.run_dir, rundir.SAVED_MODEL)
     export_saved_model(segmenter, export_dir,
                        metadata={"source": segmenter.sources, "brainseg": rundir.PROJECT_VERSION})
     difference = check_export(export_dir, segmenter)

@@ -17,7 +17,7 @@ import tifffile
 from data.decode import multi_page
 from data.lgg import DataError
 from engine import inference
-from engine.atomic import atomic_write
+from engine.atomic import atomic_write, atomic_write_json, read_json_object
 from engine.config import Config
 from engine.inference import Segmenter
 
@@ -25,6 +25,9 @@ log = logging.getLogger(__name__)
 
 IMAGE_SUFFIXES = (".tif", ".tiff")
 MASK_STEM_SUFFIX = "_mask"
+# At the --output root: the masks predict wrote there (relative paths). Only these are ever
+# replaced; any other mask is a user's (ground truth) and stops predict before it writes.
+RECORD_FILE = "brainseg_predictions.json"
 
 
 class InputImageError(ValueError):
@@ -132,7 +135,8 @@ def plan(input_dir, output_dir) -> tuple[list[Job], list[Job]]:
       target is an existing ground-truth mask of the input.
 
     Raises:
-      DataError: input_dir is not a folder, holds no images, or output_dir is a file.
+      DataError: input_dir is not a folder or holds no images, output_dir is a file, or a
+        target is a mask brainseg did not write (outside the input's own ground truth).
     """
     root, out = pathlib.Path(input_dir), pathlib.Path(output_dir)
     if not root.is_dir():
@@ -140,11 +144,13 @@ def plan(input_dir, output_dir) -> tuple[list[Job], list[Job]]:
                         f"or a folder of .tif slices)")
     if out.exists() and not out.is_dir():
         raise DataError(f"--output={output_dir}: exists and is not a folder")
+    ours = {os.path.realpath(out / name) for name in recorded(out)}
     # An output folder nested inside the input holds this tool's earlier results, not inputs.
     nested = out.resolve() != root.resolve() and out.resolve().is_relative_to(root.resolve())
     files = sorted(p for p in _walk(root)
                    if not (nested and p.resolve().is_relative_to(out.resolve())))
-    ground_truth = {os.path.realpath(p) for p in files if _is_mask(p)}
+    # A mask predict wrote is no ground truth: predicting again replaces it.
+    ground_truth = {os.path.realpath(p) for p in files if _is_mask(p)} - ours
     jobs, protected = [], []
     for p in files:
         if not _is_image(p):
@@ -155,7 +161,35 @@ def plan(input_dir, output_dir) -> tuple[list[Job], list[Job]]:
     if not jobs and not protected:
         raise DataError(f"--input={input_dir}: no image .tif files found (files ending in "
                         f"{MASK_STEM_SUFFIX}.tif are ground truth and are not predicted on)")
+    foreign = [j.target for j in jobs if os.path.lexists(j.target) and os.path.realpath(j.target) not in ours]
+    if foreign:
+        raise DataError(f"--output={output_dir}: {foreign[0]} exists and brainseg did not write it "
+                        f"({len(foreign)} such mask(s) in all); predict never replaces a mask it did "
+                        f"not write (it lists its own in {RECORD_FILE}): use another --output")
     return jobs, protected
+
+
+def recorded(output_dir) -> list[str]:
+    """The masks predict recorded writing under output_dir, relative to it.
+
+    Raises:
+      DataError: the record is unreadable or not brainseg's.
+    """
+    path = os.path.join(output_dir, RECORD_FILE)
+    stored = read_json_object(path, DataError, "move it away or use another --output")
+    names = [] if stored is None else stored.get("written")
+    if not isinstance(names, list) or not all(isinstance(n, str) for n in names):
+        raise DataError(f"{path} is not brainseg's record of its masks; move it away or use another --output")
+    return names
+
+
+def record(output_dir, jobs: list[Job]) -> None:
+    """Adds the jobs' targets to the record before they are written, so a crash leaves them listed."""
+    known = recorded(output_dir)
+    names = {str(j.target.relative_to(output_dir)) for j in jobs}
+    if not names <= set(known):
+        os.makedirs(output_dir, exist_ok=True)
+        atomic_write_json(os.path.join(output_dir, RECORD_FILE), {"written": sorted({*known, *names})})
 
 
 def volumes(jobs: list[Job], protected: list[Job]) -> list[list[Job]]:
@@ -239,6 +273,9 @@ def run(config: Config) -> int:
       - Files named `*_mask.tif` are ground truth: never predicted on, never overwritten. When a
         target is an existing mask of the input (`--output` is `--input` on a labelled tree),
         that image is skipped and counted; an `--output` nested inside `--input` is not read.
+      - The masks predict writes are listed in `--output`'s brainseg_predictions.json: they are
+        no ground truth, and predicting again replaces them. Any other existing target mask
+        stops predict before it writes anything.
       - The images of one folder are one volume (a patient), in name order with numbers compared
         as numbers: the run's standardisation, neighbouring slices and 3D post-processing work
         on it. Slices of another size in the same folder form a volume of their own.
@@ -252,7 +289,8 @@ def run(config: Config) -> int:
       The exit code: 0 if every image was written (or skipped as ground truth), 1 if any failed.
 
     Raises:
-      DataError: --input is not a folder of slices, or --output is a file.
+      DataError: --input is not a folder of slices, --output is a file, or a target is a mask
+        brainseg did not write.
       CheckpointError: no model where the flags point.
     """
     jobs, protected = plan(config.input, config.output)
@@ -264,6 +302,7 @@ def run(config: Config) -> int:
                  "predict them.")
     log.info(f"Predicting {len(jobs)} image(s) from {config.input} into {config.output}: "
              f"{segmenter.describe()}")
+    record(config.output, jobs)
     start = time.perf_counter()
     result = predict_files(segmenter, jobs, protected, batch_size=config.eval_batch)
     seconds = time.perf_counter() - start

@@ -11,7 +11,7 @@ import os
 import platform
 import shutil
 
-from engine import atomic
+from engine import atomic, checkpoint
 from engine.config import RUN_IDENTITY_FIELDS, Config
 
 log = logging.getLogger(__name__)
@@ -26,12 +26,11 @@ INFERENCE_FILE = "inference.json"  # what evaluate, predict and export apply (in
 SAVED_MODEL = "saved_model"
 LOCK_FILE = ".lock"
 MEMBERS = "members"  # <run_dir>/members/<k>/: the run directories of an ensemble's fold members
-# Everything the engine writes in a run directory, by name or pattern: --overwrite removes these
-# and nothing else. Folders are emptied of their own kind of files only (see _remove_products).
-PRODUCT_FILES = (CONFIG_FILE, SPLIT_FILE, HISTORY_FILE, FINAL_MODEL, INFERENCE_FILE, "benchmark.json",
-                 "events.out.tfevents.*", "eval_*.json", "eval_*.png", "eval_*.md", "eval_*.html",
-                 "per_patient_*.csv", atomic.TMP_PREFIX + "*")
-CHECKPOINT_PRODUCTS = ("ckpt-*", "manifest.json", ".tmp-*", ".old-*", ".del-*")
+# The relative path of every file the engine writes in a run directory, added before the file is
+# written: --overwrite removes these and nothing else, so a user's file of a similar name stays.
+RECORD_FILE = "written.json"
+EVENTS = "events.out.tfevents.*"  # TensorFlow names the event file; the run records the one it made
+EXPORT_MARKER = "brainseg_export.json"  # written by export beside its SavedModel (export.METADATA_FILE)
 
 
 class RunDirError(Exception):
@@ -72,16 +71,17 @@ class RunDir:
         """Locks the directory for this process, checks its identity and records the config.
 
         A directory that holds a run of another configuration (model shape, image size, data
-        or split) is refused with what differs, unless --overwrite, which removes the
-        engine's own files and nothing else. A folder whose config.json brainseg did not write
-        is never touched.
+        or split) is refused with what differs, unless --overwrite, which removes what the run
+        recorded writing (see _remove_owned) and nothing else. A folder whose config.json
+        brainseg did not write is never touched.
 
         Returns:
           self.
 
         Raises:
-          RunDirError: the directory is locked by another run, holds a different run or
-            foreign files in the way, or cannot be written.
+          RunDirError: the directory is locked by another run, holds a different run, a run
+            that kept no record of its files (with --overwrite), a damaged history, or cannot
+            be written.
         """
         if not self.writer:
             return self
@@ -90,20 +90,14 @@ class RunDir:
             self.lock()
             previous = self.read_config()
             if previous is not None and config.overwrite:
-                log.info(f"--overwrite: removing the previous run's files in {self.path}")
-                self._remove_products()
+                log.info(f"--overwrite: removing the files the previous run wrote in {self.path}")
+                self._remove_owned()
             elif previous is not None:
-                old, new = _identity(previous), _identity(config.to_dict())
-                diffs = [f"--{k}: run has {old[k]!r}, flags say {new[k]!r}"
-                         for k in old if old[k] != new[k]]
-                if diffs:
-                    raise RunDirError(
-                        f"{self.path} holds a run with a different configuration:\n  " + "\n  ".join(diffs)
-                        + "\nUse another --model_dir/--run_name, or pass --overwrite to start afresh.")
-            atomic.atomic_write_json(self.file(CONFIG_FILE), {
-                "config": config.to_dict(),
-                "versions": versions(),
-            })
+                _check_identity(self.path, previous, config)
+                self.history()  # a torn last line goes now, before this run appends to it
+            if previous is None or config.overwrite:
+                atomic.atomic_write_json(self.file(RECORD_FILE), {"written": []})
+            self.write_json(CONFIG_FILE, {"config": config.to_dict(), "versions": versions()})
         except OSError as e:
             self.close()
             raise RunDirError(f"cannot write the run directory {self.path}: "
@@ -163,38 +157,94 @@ class RunDir:
                               "--model_dir")
         return stored["config"]
 
-    def _remove_products(self) -> None:
-        """Deletes the files the engine writes, by name and pattern; a foreign file is never deleted."""
-        for name in sorted(os.listdir(self.path)):
-            target = self.file(name)
-            if name == LOCK_FILE and self._lock_fd is None:
-                os.remove(target)  # a member's lock, released when its training ended
-                continue
-            if name == LOCK_FILE:
-                continue
-            if any(fnmatch.fnmatch(name, pattern) for pattern in PRODUCT_FILES) and not os.path.isdir(target):
-                os.remove(target)
-            elif name == CHECKPOINTS and os.path.isdir(target):
-                for entry in os.listdir(target):
-                    if any(fnmatch.fnmatch(entry, pattern) for pattern in CHECKPOINT_PRODUCTS):
-                        path = os.path.join(target, entry)
-                        shutil.rmtree(path) if os.path.isdir(path) else os.remove(path)
-                if not os.listdir(target):
-                    os.rmdir(target)
-            elif name == MEMBERS and os.path.isdir(target):
-                for member in os.listdir(target):  # each fold member is a run directory of its own
-                    if os.path.isfile(os.path.join(target, member, CONFIG_FILE)):
-                        RunDir(os.path.join(target, member))._remove_products()
-                        if not os.listdir(os.path.join(target, member)):
-                            os.rmdir(os.path.join(target, member))
-                if not os.listdir(target):
-                    os.rmdir(target)
-            elif name == SAVED_MODEL and os.path.isfile(os.path.join(target, "brainseg_export.json")):
-                shutil.rmtree(target)
-            elif name == "plugins" and os.path.isdir(os.path.join(target, "profile")):
-                shutil.rmtree(os.path.join(target, "profile"))
-                if not os.listdir(target):
-                    os.rmdir(target)
+    # -- What the engine wrote here -------------------------------------------------------------
+
+    def written(self) -> list[str] | None:
+        """The relative paths the engine recorded writing here, or None for a run without a record.
+
+        Raises:
+          RunDirError: the record is unreadable or not brainseg's.
+        """
+        path = self.file(RECORD_FILE)
+        stored = atomic.read_json_object(path, RunDirError, "move it away or use another --model_dir")
+        if stored is None:
+            return None
+        names = stored.get("written")
+        if not isinstance(names, list) or not all(isinstance(n, str) for n in names):
+            raise RunDirError(f"{path} is not brainseg's record of its files; move it away or use "
+                              "another --model_dir")
+        return names
+
+    def record(self, *names: str) -> None:
+        """Adds paths to the record, before they are written, so a crash midway leaves them listed.
+
+        A directory without a record (a run begun before brainseg kept one, a bare model folder)
+        gets none: a record that missed the run's first files would pass for a complete one.
+        """
+        if not self.writer or not os.path.exists(self.file(RECORD_FILE)):
+            return
+        known = self.written()
+        if not set(names) <= set(known):
+            atomic.atomic_write_json(self.file(RECORD_FILE), {"written": sorted({*known, *names})})
+
+    def recording(self, folder: str, pattern: str, make):
+        """Returns make(), recording the entries matching `pattern` that it created in `folder`
+        (relative): files whose names another library picks, as TensorFlow's event file."""
+        if not self.writer:
+            return make()
+        where = self.file(folder)
+        listing = lambda: set(os.listdir(where)) if os.path.isdir(where) else set()  # noqa: E731
+        before = listing()
+        made = make()
+        self.record(*(os.path.join(folder, n) for n in sorted(listing() - before)
+                      if fnmatch.fnmatch(n, pattern)))
+        return made
+
+    def _owned(self) -> list[str]:
+        """Every path --overwrite removes here: the recorded files, the checkpoint manager's own
+        checkpoints, a SavedModel export writes its marker into, and the same in each member
+        whose config.json is brainseg's.
+
+        A run with no record (begun before brainseg kept one) is refused rather than cleaned by
+        name patterns: a pattern cannot tell the engine's eval_test.md from the user's
+        eval_my_notes.md, and a refusal deletes nothing.
+
+        Raises:
+          RunDirError: this run or a member has no record; nothing has been removed yet.
+        """
+        written = self.written()
+        if written is None:
+            raise RunDirError(f"{self.path} holds a run written before brainseg recorded its files "
+                              f"in {RECORD_FILE}, so --overwrite cannot tell its files from yours and "
+                              "removes nothing: delete the folder yourself or use another --model_dir")
+        inside = [n for n in written if not os.path.isabs(n) and not os.path.normpath(n).startswith("..")]
+        temporaries = [n for n in os.listdir(self.path) if n.startswith(atomic.TMP_PREFIX) and any(
+            n.startswith(f"{atomic.TMP_PREFIX}{os.path.basename(w)}-") for w in inside + [RECORD_FILE])]
+        paths = [self.file(n) for n in inside + temporaries]
+        paths += [os.path.join(self.checkpoints, n) for n in checkpoint.owned_entries(self.checkpoints)]
+        if os.path.isfile(os.path.join(self.file(SAVED_MODEL), EXPORT_MARKER)):
+            paths.append(self.file(SAVED_MODEL))
+        for member in _members(self.file(MEMBERS)):
+            paths += member._owned() + [member.file(LOCK_FILE)]  # its lock went with its training
+        return paths + [self.file(RECORD_FILE)]
+
+    def _remove_owned(self) -> None:
+        """Deletes what _owned lists, then the folders that left empty (checkpoints/, members/<k>/)."""
+        paths = self._owned()  # every refusal comes before the first deletion
+        for path in paths:
+            if os.path.isdir(path) and not os.path.islink(path):
+                shutil.rmtree(path)
+            elif os.path.lexists(path):
+                os.remove(path)
+        folders = set()
+        for path in paths:
+            folder = os.path.dirname(path)
+            while os.path.abspath(folder) != os.path.abspath(self.path) and folder.startswith(self.path):
+                folders.add(folder)
+                folder = os.path.dirname(folder)
+        for folder in sorted(folders, key=len, reverse=True):
+            if os.path.isdir(folder) and not os.listdir(folder):
+                os.rmdir(folder)
 
     # -- The split ------------------------------------------------------------------------------
 
@@ -212,17 +262,41 @@ class RunDir:
     def append_history(self, record: dict) -> None:
         if not self.writer:
             return
+        self.record(HISTORY_FILE)
         with open(self.file(HISTORY_FILE), "a") as f:
             f.write(json.dumps(record, sort_keys=True) + "\n")
             f.flush()
             os.fsync(f.fileno())
 
     def history(self) -> list[dict]:
+        """The epoch records of history.jsonl, one JSON object a line.
+
+        A last line that is torn or garbage (what a kill during the append leaves) is dropped with
+        a warning, and a writer rewrites the file without it, so the next append starts a line.
+
+        Raises:
+          RunDirError: a line before the last is not a JSON object; the message names the line.
+        """
         path = self.file(HISTORY_FILE)
         if not os.path.exists(path):
             return []
-        with open(path) as f:
-            return [json.loads(line) for line in f if line.strip()]
+        with open(path, "rb") as f:
+            text = f.read().decode("utf-8", errors="replace")
+        lines = [(i, line) for i, line in enumerate(text.split("\n"), 1) if line.strip()]
+        records = []
+        for i, line in lines:
+            record = _json_object(line)
+            if record is None and i != lines[-1][0]:
+                raise RunDirError(f"{path}, line {i}: not a JSON record of an epoch; repair or "
+                                  "remove that line, or pass --overwrite to start afresh")
+            if record is not None:
+                records.append(record)
+        if len(records) < len(lines):
+            log.warning(f"{path}: dropped its last line, which is not a whole JSON record (a run "
+                        f"killed while appending it): {lines[-1][1][:60]!r}")
+        if self.writer and (len(records) < len(lines) or (lines and not text.endswith("\n"))):
+            atomic.atomic_write(path, "".join(json.dumps(r, sort_keys=True) + "\n" for r in records))
+        return records
 
     def truncate_history(self, last_epoch: int) -> None:
         """Drops records past the restored epoch, written before a crash hit the checkpoint."""
@@ -238,6 +312,7 @@ class RunDir:
         """Atomically writes one of the run's files (bytes, text, or a path writer; see atomic_write)."""
         if not self.writer:
             return None
+        self.record(name)
         suffix = os.path.splitext(name)[1]
         return atomic.atomic_write(self.file(name), content, suffix=suffix)
 
@@ -249,7 +324,10 @@ class RunDir:
         return True
 
     def write_json(self, name: str, payload) -> str | None:
-        return atomic.atomic_write_json(self.file(name), payload) if self.writer else None
+        if not self.writer:
+            return None
+        self.record(name)
+        return atomic.atomic_write_json(self.file(name), payload)
 
 
 def versions() -> dict:
@@ -258,6 +336,41 @@ def versions() -> dict:
 
     return {"brainseg": PROJECT_VERSION, "tensorflow": tf.__version__, "keras": keras.__version__,
             "python": platform.python_version()}
+
+
+def _check_identity(path: str, previous: dict, config: Config) -> None:
+    """Refuses a run directory whose run differs from the flags in its identity fields."""
+    old, new = _identity(previous), _identity(config.to_dict())
+    diffs = [f"--{k}: run has {old[k]!r}, flags say {new[k]!r}" for k in old if old[k] != new[k]]
+    if diffs:
+        raise RunDirError(f"{path} holds a run with a different configuration:\n  " + "\n  ".join(diffs)
+                          + "\nUse another --model_dir/--run_name, or pass --overwrite to start afresh.")
+
+
+def _members(folder: str) -> list[RunDir]:
+    """The fold members under members/ that are brainseg's runs; any other folder is left alone."""
+    if not os.path.isdir(folder):
+        return []
+    members = []
+    for name in sorted(os.listdir(folder)):
+        member = RunDir(os.path.join(folder, name))
+        try:
+            ours = os.path.isdir(member.path) and member.read_config() is not None
+        except RunDirError:
+            ours = False
+        if ours:
+            members.append(member)
+        else:
+            log.info(f"--overwrite: leaving {member.path} alone: it is not a brainseg run")
+    return members
+
+
+def _json_object(line: str) -> dict | None:
+    try:
+        record = json.loads(line)
+    except ValueError:
+        return None
+    return record if isinstance(record, dict) else None
 
 
 def _identity(values: dict) -> dict:

@@ -22,7 +22,7 @@ from engine.cluster import Cluster
 from engine.config import HPARAM_FIELDS, LOCAL_FIELDS, Config, ConfigError
 from engine.controller import Controller, StopRequest
 from engine.policies import EarlyStopping, ReduceLROnPlateau
-from engine.rundir import FINAL_MODEL, MEMBERS, RunDir, RunDirError
+from engine.rundir import EVENTS, FINAL_MODEL, MEMBERS, RunDir, RunDirError
 from engine.runtime import Runtime
 from engine.schedule import Schedule
 from engine.summaries import SummaryWriter
@@ -234,7 +234,7 @@ def _wire(config: Config, runtime: Runtime, run: RunDir, data: inputs.SplitData,
     checkpointer = actions.Checkpointer(manager, state.checkpoint(), per_epoch,
                                         {"policies": policies, "schedule": schedule, "trainer": trainer},
                                         runtime.precision)
-    writer = SummaryWriter(run.summaries)
+    writer = run.recording("", EVENTS, lambda: SummaryWriter(run.summaries))
     overlays = actions.Overlays(model=state.model, data=val_set, count=config.num_overlays if runtime.is_chief else 0,
                                 image_size=config.image_size, writer=writer, every=config.overlay_every,
                                 epochs=config.epochs)

@@ -84,6 +84,7 @@ def test_an_output_folder_inside_the_input_is_not_read_as_input(tmp_path):
     (tmp_path / "in" / "pred").mkdir(parents=True)
     (tmp_path / "in" / "a.tif").write_bytes(b"")
     (tmp_path / "in" / "pred" / "a_mask.tif").write_bytes(b"")  # an earlier run's result
+    (tmp_path / "in" / "pred" / predict.RECORD_FILE).write_text('{"written": ["a_mask.tif"]}')
     (tmp_path / "in" / "pred" / "stray.tif").write_bytes(b"")
     jobs, protected = predict.plan(tmp_path / "in", tmp_path / "in" / "pred")
     assert [j.source.name for j in jobs] == ["a.tif"] and protected == []

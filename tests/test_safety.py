@@ -268,11 +268,15 @@ def test_a_killed_export_leaves_nothing_the_next_export_does_not_clean(tmp_path)
     dead = subprocess.Popen([sys.executable, "-c", "pass"])
     dead.wait()
     parent = tmp_path / "exports"
-    (parent / f".tmp-export-{dead.pid}-abc").mkdir(parents=True)
-    (parent / f".tmp-export-{dead.pid}-abc" / "saved_model.pb").write_bytes(b"half")
-    live = parent / f".tmp-export-{os.getpid()}-xyz"  # an export running now is left alone
+    (parent / f".tmp-saved_model-{dead.pid}").mkdir(parents=True)
+    (parent / f".tmp-saved_model-{dead.pid}" / "saved_model.pb").write_bytes(b"half")
+    live = parent / f".tmp-saved_model-{os.getppid()}"  # an export running now is left alone
     live.mkdir()
     segmenter = Segmenter([model], InferenceSpec(), image_size=64, sources=["test"])
+    export.export_saved_model(segmenter, str(parent / "saved_model"))
+    assert sorted(p.name for p in parent.iterdir()) == [live.name, "saved_model"]
+    # Killed after moving the previous export aside: the next export puts it back, then replaces it.
+    os.rename(parent / "saved_model", parent / f".old-saved_model-{dead.pid}")
     export.export_saved_model(segmenter, str(parent / "saved_model"))
     assert sorted(p.name for p in parent.iterdir()) == [live.name, "saved_model"]
 
