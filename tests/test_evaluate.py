@@ -313,13 +313,13 @@ def test_evaluate_mode_writes_the_report(evaluated):
 def test_evaluate_without_a_model_fails_with_one_clear_line(tmp_path):
     config = _config(tmp_path, model_dir=str(tmp_path / "never_trained"))
     proc = run_engine(config_flags(config), timeout=120)
-    assert proc.returncode == 1, proc.stdout + proc.stderr
+    assert proc.returncode == 2, proc.stdout + proc.stderr  # the user's mistake: not a run
     assert "Traceback" not in proc.stderr
     # TensorFlow's C++ start-up lines ignore TF_CPP_MIN_LOG_LEVEL in 2.21; everything else is ours.
     lines = [line for line in proc.stderr.splitlines()
              if line.strip() and not re.match(r"[IWEF]\d{4} |WARNING: All log messages before absl", line)]
     assert len(lines) == 1 and lines[0].startswith("error:"), proc.stderr
-    assert "final_model.keras" in lines[0] and "--checkpoint" in lines[0]
+    assert "is not a brainseg run" in lines[0] and "final_model.keras" in lines[0] and "--checkpoint" in lines[0]
 
 
 def _volume_dice_from_files(truth_files, predicted_files) -> float:

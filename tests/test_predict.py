@@ -10,9 +10,10 @@ import pytest
 import tensorflow as tf
 import tifffile
 
+from engine.rundir import RunDirError
+
 from data.lgg import DataError
 from engine import predict
-from engine.checkpoint import CheckpointError
 from engine.config import Config
 from engine.inference import Predictor
 from tests.helpers import asymmetric_model, config_flags, model_only_config, pointwise_model, run_engine
@@ -222,6 +223,7 @@ def test_predict_with_no_model_fails_cleanly(tmp_path):
     src = tmp_path / "slices"
     src.mkdir()
     tifffile.imwrite(src / "one.tif", _slice(64, 64))
-    with pytest.raises(CheckpointError, match="final_model.keras does not exist"):
+    with pytest.raises(RunDirError, match="is not a brainseg run"):
         predict.run(_config(tmp_path, input=str(src), output=str(tmp_path / "o"),
                             model_dir=str(tmp_path / "nothing")))
+    assert not (tmp_path / "o").exists()
