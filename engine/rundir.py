@@ -67,7 +67,7 @@ class RunDir:
 
     # -- Opening a run for training -----------------------------------------------------------
 
-    def open(self, config: Config) -> "RunDir":
+    def open(self, config: Config, runtime: dict | None = None) -> "RunDir":
         """Locks the directory for this process, checks its identity and records the config.
 
         A directory that holds a run of another configuration (model shape, image size, data
@@ -97,7 +97,9 @@ class RunDir:
                 self.history()  # a torn last line goes now, before this run appends to it
             if previous is None or config.overwrite:
                 atomic.atomic_write_json(self.file(RECORD_FILE), {"written": []})
-            self.write_json(CONFIG_FILE, {"config": config.to_dict(), "versions": versions()})
+            # The resolved device policy beside the flags: --precision=auto's choice and its reason.
+            self.write_json(CONFIG_FILE, {"config": config.to_dict(), "versions": versions(),
+                                          **({"runtime": runtime} if runtime else {})})
         except OSError as e:
             self.close()
             raise RunDirError(f"cannot write the run directory {self.path}: "

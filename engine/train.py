@@ -101,7 +101,7 @@ def _check_restore_from(source: str) -> None:
 def _open(config: Config, runtime: Runtime, cluster: Cluster) -> RunDir:
     """The run directory, locked and checked by the chief, with flags every worker shares."""
     run_dir = cluster.together("open the run directory",
-                               lambda: RunDir(config.run_dir, writer=runtime.is_chief).open(config))
+                               lambda: RunDir(config.run_dir, writer=runtime.is_chief).open(config, runtime.record()))
     cluster.check_same("flags", {k: v for k, v in config.to_dict().items() if k not in LOCAL_FIELDS})
     return run_dir
 

@@ -193,3 +193,17 @@ def test_bfloat16_trains_and_resumes_exactly_and_across_precisions(tmp_path):
         apart = sum(float(np.abs(ended[k] - after_two[k]).sum()) for k in after_two)
         assert moved > 0 and apart < 0.5 * moved, (start, then, apart, moved)
         assert [h["epoch"] for h in read_history(run)] == [1, 2]
+
+
+def test_config_json_records_what_auto_chose_and_why(tmp_path):
+    import json
+
+    from tests.helpers import config_flags, run_engine, tiny_config
+
+    run_dir = tmp_path / "run"
+    proc = run_engine(config_flags(tiny_config(run_dir, image_size=32, epochs=1, precision="auto")))
+    assert proc.returncode == 0, proc.stderr
+    recorded = json.loads((run_dir / "config.json").read_text())["runtime"]
+    expected = resolve_precision("auto", has_gpu=False, flags=cpu_flags())
+    assert (recorded["precision"], recorded["precision_reason"]) == expected
+    assert recorded["global_batch"] == 8
