@@ -191,3 +191,16 @@ def test_folds_refuses_empty_csvs_a_corrupt_split_and_bad_flags(tmp_path, capsys
 
 def test_batch_size_is_part_of_the_run_identity():
     assert Config.__dataclass_fields__["batch_size"].metadata["identity"]
+
+
+def test_evaluate_without_inference_json_applies_the_runs_recorded_normalisation(tmp_path):
+    run_dir = tmp_path / "run"
+    run_engine(config_flags(tiny_config(run_dir, **TINY, normalize="volume", epochs=3)), check=True)
+    evaluate = [f"--model_dir={run_dir}", "--mode=evaluate", "--split=test", "--precision=float32",
+                f"--data_dir={synthetic_dir()}"]
+    run_engine(evaluate, check=True)
+    recorded = (run_dir / "per_patient_test.csv").read_text()
+    os.remove(run_dir / "inference.json")
+    proc = run_engine(evaluate, check=True)
+    assert "normalize volume" in proc.stdout and "config.json" in proc.stdout
+    assert (run_dir / "per_patient_test.csv").read_text() == recorded
