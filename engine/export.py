@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import json
 import logging
 import os
@@ -88,6 +89,10 @@ def export_saved_model(segmenter: Segmenter, export_dir: str, *, metadata: dict 
                        "inference": spec.to_json(), "threshold": spec.threshold,
                        "tensorflow": tf.__version__, **(metadata or {})}, f, indent=2, sort_keys=True)
         atomic.swap_in_dir(tmp, export_dir)
+    except tf.errors.OpError as e:  # TensorFlow's own file writes: a full or read-only disk
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise OSError(errno.EIO, f"{e.message.splitlines()[0][:200]}; the previous export, if any, "
+                      "is intact", export_dir) from None
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise

@@ -204,3 +204,21 @@ def test_evaluate_without_inference_json_applies_the_runs_recorded_normalisation
     proc = run_engine(evaluate, check=True)
     assert "normalize volume" in proc.stdout and "config.json" in proc.stdout
     assert (run_dir / "per_patient_test.csv").read_text() == recorded
+
+
+def test_export_onto_a_full_disk_is_one_line_and_keeps_the_previous_export(finished, tmp_path, monkeypatch):
+    import tensorflow as tf
+
+    export_dir = tmp_path / "export"
+    export = [f"--model_dir={finished}", "--mode=export", f"--export_dir={export_dir}", "--precision=float32"]
+    run_engine(export, check=True)
+    before = _snapshot(export_dir)
+
+    def full(*args, **kwargs):
+        raise tf.errors.ResourceExhaustedError(None, None, "No space left on device")
+
+    monkeypatch.setattr(tf.saved_model, "save", full)
+    proc = run_engine(export)
+    assert proc.returncode == 1 and "No space left on device" in _error(proc)
+    assert _snapshot(export_dir) == before
+    assert sorted(os.listdir(tmp_path)) == ["export"]  # no temporary left beside it
