@@ -54,41 +54,50 @@ def multi_page(pages: int) -> str:
     return f"multi-page TIFF ({pages} pages): expected one slice per file"
 
 
-def _read_image(path: str, out: np.ndarray) -> str | None:
-    """Reads one image straight into `out`; returns what is wrong with it, or None."""
+def read_page(path: str, check, out: np.ndarray | None = None) -> tuple[np.ndarray | None, str | None]:
+    """The one TIFF read: a single-page file, its page checked by `check(shape, dtype)` (what is
+    wrong, or None) before it is decoded, into `out` when given.
+
+    Returns:
+      (array, None), or (None, what is wrong with the file).
+    """
     try:
         with tifffile.TiffFile(path) as tif:
             if len(tif.pages) > 1:
-                return multi_page(len(tif.pages))
+                return None, multi_page(len(tif.pages))
             page = tif.pages[0]
-            shape, dtype = tuple(page.shape), np.dtype(page.dtype)
-            if shape[:2] == SLICE_SHAPE and shape != IMAGE_SHAPE:
-                return f"image is not 3-channel: shape {shape}, expected {IMAGE_SHAPE}"
-            if shape != IMAGE_SHAPE:
-                return f"wrong image shape {shape}, expected {IMAGE_SHAPE}"
-            if dtype != np.uint8:
-                return f"wrong image dtype {dtype}, expected uint8"
-            page.asarray(out=out, maxworkers=1)  # we parallelise across files
+            problem = check(tuple(page.shape), np.dtype(page.dtype))
+            if problem:
+                return None, problem
+            return page.asarray(out=out, maxworkers=1), None  # we parallelise across files
     except Exception as e:  # noqa: BLE001 - any tifffile/zlib/OS failure is a bad file, not a crash
-        return _tiff_error(e)
-    return None
+        return None, _tiff_error(e)
+
+
+def _image_problem(shape: tuple, dtype: np.dtype) -> str | None:
+    if shape[:2] == SLICE_SHAPE and shape != IMAGE_SHAPE:
+        return f"image is not 3-channel: shape {shape}, expected {IMAGE_SHAPE}"
+    if shape != IMAGE_SHAPE:
+        return f"wrong image shape {shape}, expected {IMAGE_SHAPE}"
+    return f"wrong image dtype {dtype}, expected uint8" if dtype != np.uint8 else None
+
+
+def _mask_problem(shape: tuple, dtype: np.dtype) -> str | None:
+    if shape != SLICE_SHAPE:
+        return f"wrong mask shape {shape}, expected {SLICE_SHAPE} (single-channel)"
+    return f"wrong mask dtype {dtype}, expected uint8" if dtype != np.uint8 else None
+
+
+def _read_image(path: str, out: np.ndarray) -> str | None:
+    """Reads one image straight into `out`; returns what is wrong with it, or None."""
+    return read_page(path, _image_problem, out)[1]
 
 
 def _read_mask(path: str, out: np.ndarray) -> str | None:
     """Reads one mask into `out` as {0, 1}; returns what is wrong with it, or None."""
-    try:
-        with tifffile.TiffFile(path) as tif:
-            if len(tif.pages) > 1:
-                return multi_page(len(tif.pages))
-            page = tif.pages[0]
-            shape, dtype = tuple(page.shape), np.dtype(page.dtype)
-            if shape != SLICE_SHAPE:
-                return f"wrong mask shape {shape}, expected {SLICE_SHAPE} (single-channel)"
-            if dtype != np.uint8:
-                return f"wrong mask dtype {dtype}, expected uint8"
-            page.asarray(out=out, maxworkers=1)  # we parallelise across files
-    except Exception as e:  # noqa: BLE001
-        return _tiff_error(e)
+    problem = read_page(path, _mask_problem, out)[1]
+    if problem:
+        return problem
     top = int(out.max())
     # Fast path (two vector passes): every nonzero pixel equals the maximum, which is 1 or 255.
     if top not in (0, 1, 255) or (top and np.count_nonzero(out) != np.count_nonzero(out == top)):

@@ -14,7 +14,7 @@ import time
 import numpy as np
 import tifffile
 
-from data.decode import multi_page
+from data.decode import read_page
 from data.lgg import DataError
 from engine import inference
 from engine.atomic import atomic_write, atomic_write_json, read_json_object
@@ -71,15 +71,9 @@ def read_image(path: str) -> tuple[np.ndarray, tuple[str, ...]]:
     Raises:
       InputImageError: unreadable/truncated TIFF, or unsupported shape or dtype.
     """
-    try:
-        with tifffile.TiffFile(path) as tif:
-            if len(tif.pages) > 1:
-                raise InputImageError(multi_page(len(tif.pages)))
-            array = tif.pages[0].asarray()
-    except InputImageError:
-        raise
-    except Exception as e:  # noqa: BLE001 - any tifffile/zlib/OS failure is a bad file, not a crash
-        raise InputImageError(f"unreadable or truncated TIFF ({type(e).__name__}: {e})") from None
+    array, problem = read_page(path, lambda shape, dtype: None)
+    if problem:
+        raise InputImageError(problem)
     return to_rgb_uint8(array)
 
 
