@@ -182,9 +182,9 @@ _SPEC_CHECKS = {
 }
 
 
-def spec_for(config, *, members=(FINAL_MODEL,), chosen_on: str = "defaults") -> InferenceSpec:
+def spec_for(config, *, members=(FINAL_MODEL,), chosen_on: str = "the flags") -> InferenceSpec:
     """The inference a run's flags describe (a Config, or the "config" of a run's config.json):
-    its model inputs and TTA, the default threshold and no post-processing."""
+    its model inputs, TTA and --min_component_voxels, and the default threshold."""
     values = config if isinstance(config, dict) else config.to_dict()
     return InferenceSpec(members=tuple(members), normalize=values.get("normalize", "none"),
                          neighbours=int(values.get("neighbours", 0)), tta=bool(values.get("tta", False)),
