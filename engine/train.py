@@ -73,9 +73,10 @@ def _before_writing(config: Config, runtime: Runtime) -> inputs.SplitData:
     if os.path.isdir(run.path) and not config.overwrite:
         run.read_config()  # a config.json brainseg did not write is refused here, by name
         resumable = CheckpointManager(directory=run.checkpoints).entries()
-        if not resumable and run.history() and runtime.is_chief:
+        history = [] if resumable or not runtime.is_chief else run.history()
+        if history:
             raise RunDirError(
-                f"{run.path} holds {len(run.history())} epochs of training history but no checkpoint "
+                f"{run.path} holds {len(history)} epochs of training history but no checkpoint "
                 f"to resume from ({run.checkpoints} is missing or empty); the run and its final model "
                 "are left as they are. Pass --overwrite to train it again from step 0, or use "
                 "another --model_dir")
