@@ -74,7 +74,11 @@ def _before_writing(config: Config, runtime: Runtime) -> inputs.SplitData:
         run.read_config()  # a config.json brainseg did not write is refused here, by name
         resumable = CheckpointManager(directory=run.checkpoints).entries()
         history = [] if resumable or not runtime.is_chief else run.history()
-        if history:
+        # One epoch recorded and no checkpoint: a kill between epoch 1's record and its save
+        # (the record comes first); that epoch is trained again and its record replaced.
+        killed_before_first_save = ([r.get("epoch") for r in history] == [1]
+                                    and not os.path.exists(run.final_model))
+        if history and not killed_before_first_save:
             raise RunDirError(
                 f"{run.path} holds {len(history)} epochs of training history but no checkpoint "
                 f"to resume from ({run.checkpoints} is missing or empty); the run and its final model "
@@ -275,6 +279,7 @@ def _restore(config: Config, runtime: Runtime, run: RunDir, cluster: Cluster,
             log.info(f"The run was trained in {previous} so far; it continues in {runtime.precision}"
                      + (" with a fresh float16 loss scale" if runtime.precision == "mixed_float16" else ""))
     else:
+        run.truncate_history(0)  # only an epoch killed before its first save (see _before_writing)
         if config.restore_from:
             state_lib.warm_start(state, config.restore_from)
         wired.writer.text(0, "config", "```\n" + config.to_json() + "\n```")

@@ -222,3 +222,14 @@ def test_export_onto_a_full_disk_is_one_line_and_keeps_the_previous_export(finis
     assert proc.returncode == 1 and "No space left on device" in _error(proc)
     assert _snapshot(export_dir) == before
     assert sorted(os.listdir(tmp_path)) == ["export"]  # no temporary left beside it
+
+
+def test_a_run_killed_between_its_first_record_and_its_first_save_trains_again(finished, tmp_path):
+    run_dir = _copy(finished, tmp_path)
+    shutil.rmtree(run_dir / "checkpoints")
+    os.remove(run_dir / "final_model.keras")
+    lines = (run_dir / "history.jsonl").read_text().splitlines()
+    (run_dir / "history.jsonl").write_text(lines[0] + "\n")  # epoch 1 recorded, its save never made
+    proc = run_engine(config_flags(tiny_config(run_dir, **TINY)))
+    assert proc.returncode == 0, proc.stderr
+    assert [r["epoch"] for r in read_history(run_dir)] == [1, 2]
