@@ -119,9 +119,14 @@ def run(config) -> int:
             tf.errors.CancelledError) as e:
         if rt.num_workers == 1:
             raise
-        fail(f"worker {rt.worker_index} lost the cluster: {_lost_peer(e.message)} stopped or cannot "
-             f"be reached ({type(e).__name__}). Start every worker again with the same command: "
-             "the run resumes from its last checkpoint", 1)
+        print(f"error: worker {rt.worker_index} lost the cluster: {_lost_peer(e.message)} stopped or "
+              f"cannot be reached ({type(e).__name__}). Start every worker again with the same "
+              "command: the run resumes from its last checkpoint", file=sys.stderr, flush=True)
+        sys.stdout.flush()
+        # Not sys.exit: the interpreter's shutdown tears down the collective runtime, which can
+        # wait on the worker that is gone (over a minute on a loaded machine). Checkpoints are
+        # already whole on disk; summaries the resumed run writes again are all that is skipped.
+        os._exit(1)
     except (CheckpointError, NonFiniteLossError) as e:
         fail(str(e), 1)
     except OSError as e:  # A full or read-only disk outside the checkpoint manager.
