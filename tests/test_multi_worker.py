@@ -31,6 +31,8 @@ SETTINGS = dict(epochs=2, batch_size=4, checkpoint_every_steps=5, deterministic=
 # A single-process run of the tiny model holds about 110-150 threads here; a worker whose every
 # collective held a thread for the timeout passed 1,500 within 20 s and died near 15,700.
 MAX_THREADS = 500
+# Threads a worker may add between the middle and the last third of a run (thread pools settle).
+GROWTH = 30
 
 
 def _ports(n):
@@ -182,19 +184,26 @@ def _threads(pid: int) -> int:
 
 
 def test_threads_stay_bounded_over_a_long_run(tmp_path):
-    """Hundreds of steps, with a validation pass each epoch: no thread outlives its collective."""
-    procs = _cluster(tmp_path / "run", epochs=34, checkpoint_every_steps=0, eval_every=4)
-    peak, samples = [0] * WORKERS, 0
+    """About 150 steps, with validation passes: no thread outlives its collective.
+
+    A thread kept per collective reached the ceiling within seconds here; a slower leak shows as
+    growth from the first half of the run to the second, which both hold validation passes.
+    """
+    procs = _cluster(tmp_path / "run", epochs=12, checkpoint_every_steps=0, eval_every=3)
+    counts = [[] for _ in procs]
     while any(p.poll() is None for p in procs):
         for i, p in enumerate(procs):
             try:
-                peak[i] = max(peak[i], _threads(p.pid))
-            except (FileNotFoundError, StopIteration):
+                counts[i].append(_threads(p.pid))
+            except (FileNotFoundError, StopIteration, ProcessLookupError):
                 pass  # it has just ended
-        samples += 1
-        assert max(peak) < MAX_THREADS, (peak, samples)
-        time.sleep(0.5)
+        assert max(max(c, default=0) for c in counts) < MAX_THREADS, counts
+        time.sleep(0.25)
     codes, outputs = _finish(procs)
     assert codes == [0, 0], outputs
     total = int(outputs[0][0].split(" steps: ")[0].rsplit("to ", 1)[1])
-    assert total >= 400 and samples > 60, (total, samples)  # long enough to have failed before
+    assert total >= 130, total
+    for c in counts:
+        # The sampled stretch from the first training step on (start-up raises the count once).
+        first, second = c[len(c) // 3: 2 * len(c) // 3], c[2 * len(c) // 3:]
+        assert len(second) > 20 and max(second) <= max(first) + GROWTH, (max(first), max(second), c)
