@@ -7,6 +7,7 @@ import subprocess
 import sys
 
 import numpy as np
+import pytest
 
 from tests.helpers import REPO
 
@@ -31,6 +32,7 @@ def _weights(npz):
     return [npz[k] for k in sorted((k for k in npz.files if k.startswith("w")), key=lambda k: int(k[1:]))]
 
 
+@pytest.mark.slow
 def test_mirrored_over_two_cpu_devices_matches_one_device(tmp_path):
     """Mirrored over 2 replicas computes what one device computes on the same global batch.
 

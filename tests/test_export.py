@@ -75,6 +75,7 @@ def _images(n: int = 3, seed: int = 0) -> np.ndarray:
     return images
 
 
+@pytest.mark.slow
 def test_saved_model_in_a_fresh_process_matches_the_engine(trained_run):
     tmp, config, model = trained_run
     proc = run_engine(config_flags(config), timeout=180)

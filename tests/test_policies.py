@@ -122,6 +122,7 @@ def _keras_stopping(model, case):
     return trace
 
 
+@pytest.mark.slow
 def test_reduce_lr_on_plateau_matches_keras(model):
     reductions = clipped = cooled = 0
     for case in CASES:

@@ -58,6 +58,7 @@ def test_resuming_with_another_batch_size_is_refused_by_name(finished, tmp_path)
     assert [r["epoch"] for r in read_history(run_dir)] == [1, 2]
 
 
+@pytest.mark.slow
 def test_a_finished_run_whose_checkpoints_were_deleted_stays_finished(finished, tmp_path):
     run_dir = _copy(finished, tmp_path)
     shutil.rmtree(run_dir / "checkpoints")
@@ -154,6 +155,7 @@ def test_values_that_overflow_or_leave_logs_are_refused(flag, says):
     assert proc.returncode == 2 and says in _error(proc)
 
 
+@pytest.mark.slow
 def test_tf_config_that_is_not_json_is_one_line():
     proc = run_engine(["--mode=benchmark", "--benchmark_steps=1"], env={"TF_CONFIG": "not json"})
     assert proc.returncode == 2 and "TF_CONFIG is not valid JSON" in _error(proc)
@@ -193,6 +195,7 @@ def test_batch_size_is_part_of_the_run_identity():
     assert Config.__dataclass_fields__["batch_size"].metadata["identity"]
 
 
+@pytest.mark.slow
 def test_evaluate_without_inference_json_applies_the_runs_recorded_normalisation(tmp_path):
     run_dir = tmp_path / "run"
     run_engine(config_flags(tiny_config(run_dir, **TINY, normalize="volume", epochs=3)), check=True)
@@ -224,6 +227,7 @@ def test_export_onto_a_full_disk_is_one_line_and_keeps_the_previous_export(finis
     assert sorted(os.listdir(tmp_path)) == ["export"]  # no temporary left beside it
 
 
+@pytest.mark.slow
 def test_a_run_killed_between_its_first_record_and_its_first_save_trains_again(finished, tmp_path):
     run_dir = _copy(finished, tmp_path)
     shutil.rmtree(run_dir / "checkpoints")

@@ -118,6 +118,7 @@ def _get(opener, url: str) -> bytes:
         return response.read()
 
 
+@pytest.mark.slow
 def test_tensorboard_serves_the_scalars_and_an_overlay_image(run, tmp_path):
     port = _free_port()
     binary = os.path.join(os.path.dirname(sys.executable), "tensorboard")
