@@ -1,4 +1,4 @@
-"""Several workers through the real entry point on 127.0.0.1: one process's result, kills, SIGTERM."""
+"""Several workers through the real entry point on 127.0.0.1: one process's result, SIGTERM, kills."""
 
 from __future__ import annotations
 
@@ -118,20 +118,28 @@ def test_two_workers_compute_what_one_process_computes_on_the_same_global_batch(
     assert not os.path.exists(os.path.join(tempfile.gettempdir(), f"brainseg-worker1-{digest}"))
 
 
-def test_a_cluster_killed_at_random_moments_resumes_to_the_uninterrupted_result(reference, tmp_path):
+def test_sigterm_kills_and_a_lost_worker_then_resume_to_the_uninterrupted_result(reference, tmp_path):
+    """One run through every way a cluster stops, restarted each time with the same command."""
     run_dir = tmp_path / "run"
     rng = random.Random(7)
-    # Both workers killed mid-run, at a random moment once a checkpoint exists.
+    # SIGTERM to worker 1: both workers save at one step and exit 143.
     procs = _cluster(run_dir)
-    deadline = time.time() + 120
-    while not (run_dir / "checkpoints").is_dir() or not os.listdir(run_dir / "checkpoints"):
-        assert time.time() < deadline and all(p.poll() is None for p in procs), _finish(procs)
-        time.sleep(0.05)
-    time.sleep(rng.uniform(0.0, 1.0))
+    lines = _read_until(procs[0], "epoch 1/2")
+    procs[1].send_signal(signal.SIGTERM)
+    codes, outputs = _finish(procs)
+    out = lines + outputs[0][0]
+    assert codes == [143, 143], outputs
+    assert "A signal to another worker received: saved a checkpoint at step" in out
+    saved = int(out.split("saved a checkpoint at step ")[1].split()[0])
+    assert CheckpointManager(directory=str(run_dir / "checkpoints")).latest().step == saved
+    # Restarted from that step, then both workers killed at a random moment of training.
+    procs = _cluster(run_dir)
+    _read_until(procs[0], f"Training from step {saved} ")
+    time.sleep(rng.uniform(0.0, 1.5))
     for p in procs:
         p.kill()
     _finish(procs)
-    # Then only worker 1: the chief notices within the timeout and says what to do.
+    # Then only worker 1: the chief notices within the heartbeat timeout and says what to do.
     procs = _cluster(run_dir)
     _read_until(procs[0], "Training from step")
     time.sleep(rng.uniform(0.0, 2.0))
@@ -145,23 +153,6 @@ def test_a_cluster_killed_at_random_moments_resumes_to_the_uninterrupted_result(
     codes, outputs = _finish(_cluster(run_dir))
     assert codes == [0, 0], outputs
     assert "Resumed from" in outputs[0][0]
-    _same_run(reference[0], run_dir)
-
-
-def test_sigterm_to_one_worker_makes_both_save_at_one_step_and_exit(reference, tmp_path):
-    run_dir = tmp_path / "run"
-    procs = _cluster(run_dir)
-    lines = _read_until(procs[0], "epoch 1/2")
-    procs[1].send_signal(signal.SIGTERM)
-    codes, outputs = _finish(procs)
-    out = lines + outputs[0][0]
-    assert codes == [143, 143], outputs
-    assert "A signal to another worker received: saved a checkpoint at step" in out
-    saved = int(out.split("saved a checkpoint at step ")[1].split()[0])
-    assert CheckpointManager(directory=str(run_dir / "checkpoints")).latest().step == saved
-    codes, outputs = _finish(_cluster(run_dir))
-    assert codes == [0, 0], outputs
-    assert f"Training from step {saved} " in outputs[0][0]
     _same_run(reference[0], run_dir)
 
 

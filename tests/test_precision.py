@@ -156,7 +156,8 @@ def _checkpoint_values(run_dir, step=None) -> dict:
 def _train(run_dir, **overrides):
     from tests.helpers import config_flags, run_engine, tiny_config
 
-    values = {"epochs": 2, "deterministic": True, "precision": "mixed_bfloat16", **overrides}
+    values = {"epochs": 2, "deterministic": True, "precision": "mixed_bfloat16", "image_size": 32,
+              **overrides}
     return run_engine(config_flags(tiny_config(run_dir, **values)), check=True)
 
 
