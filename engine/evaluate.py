@@ -19,7 +19,7 @@ from data.dataset import LggDataset
 from data.lgg import DataError
 from engine import inference, inputs, report
 from engine.config import Config
-from engine.inference import Segmenter
+from engine.inference import Segmenter, groups
 from engine.rundir import SPLIT_FILE, RunDir
 from models import losses, metrics
 
@@ -44,8 +44,11 @@ def patient_slices(dataset: LggDataset) -> dict[str, np.ndarray]:
 def predict_patients(segmenter: Segmenter, dataset: LggDataset, *, batch_size: int) -> np.ndarray:
     """The run's final masks of every slice, at its original size, patient by patient: bool [N, H, W]."""
     pred = np.empty(dataset.masks.shape, bool)
-    for idx in patient_slices(dataset).values():
-        pred[idx] = segmenter.segment(dataset.images[idx], batch_size=batch_size)[1]
+    patients = list(patient_slices(dataset).values())
+    for group in groups([len(idx) for idx in patients]):
+        masks = segmenter.segment_volumes([dataset.images[patients[i]] for i in group], batch_size=batch_size)
+        for i, m in zip(group, masks):
+            pred[patients[i]] = m
     return pred
 
 

@@ -19,7 +19,7 @@ from data.lgg import DataError
 from engine import inference
 from engine.atomic import atomic_write, atomic_write_json, read_json_object
 from engine.config import Config
-from engine.inference import Segmenter
+from engine.inference import GROUP_SLICES, Segmenter
 
 log = logging.getLogger(__name__)
 
@@ -212,11 +212,28 @@ def predict_files(segmenter: Segmenter, jobs: list[Job], protected: list[Job], *
     """
     written, failed, notes = 0, [], {}
     writes = {id(j) for j in jobs}
+
+    def segment_and_write(pool, stacks: list[tuple[list[Job], np.ndarray]]) -> None:
+        nonlocal written
+        masks = segmenter.segment_volumes([images for _, images in stacks], batch_size=batch_size)
+        targets = [(job.target, m) for (volume, _), volume_masks in zip(stacks, masks)
+                   for job, m in zip(volume, volume_masks) if id(job) in writes]
+        results = pool.map(_try_write, [t for t, _ in targets],
+                           [np.where(m, 255, 0).astype(np.uint8) for _, m in targets])
+        for (target, _), error in zip(targets, results):
+            if error is None:
+                written += 1
+            else:
+                failed.append((str(target), error))
+                log.info(f"error: {target}: {error}")
+
+    # Volumes of one slice size wait until a group is full (inference.groups), then share batches.
+    pending: dict[tuple, list[tuple[list[Job], np.ndarray]]] = {}
     with concurrent.futures.ThreadPoolExecutor(max_workers=min(8, os.cpu_count() or 1)) as pool:
         for volume in volumes(jobs, protected):
             decoded = list(pool.map(_try_read, [str(j.source) for j in volume]))
             # A folder of slices of several sizes is one volume per size.
-            by_shape: dict[tuple[int, int], list[int]] = {}
+            by_shape: dict[tuple, list[int]] = {}
             for i, (image, image_notes, error) in enumerate(decoded):
                 if error is not None:
                     failed.append((str(volume[i].source), error))
@@ -225,19 +242,14 @@ def predict_files(segmenter: Segmenter, jobs: list[Job], protected: list[Job], *
                 if id(volume[i]) in writes:
                     for note in image_notes:
                         notes[note] = notes.get(note, 0) + 1
-                by_shape.setdefault(image.shape[:2], []).append(i)
-            for indices in by_shape.values():
-                _, masks = segmenter.segment(np.stack([decoded[i][0] for i in indices]),
-                                             batch_size=batch_size)
-                targets = [(volume[i].target, m) for i, m in zip(indices, masks) if id(volume[i]) in writes]
-                results = pool.map(_try_write, [t for t, _ in targets],
-                                   [np.where(m, 255, 0).astype(np.uint8) for _, m in targets])
-                for (target, _), error in zip(targets, results):
-                    if error is None:
-                        written += 1
-                    else:
-                        failed.append((str(target), error))
-                        log.info(f"error: {target}: {error}")
+                by_shape.setdefault(image.shape, []).append(i)
+            for shape, indices in by_shape.items():
+                stacks = pending.setdefault(shape, [])
+                stacks.append(([volume[i] for i in indices], np.stack([decoded[i][0] for i in indices])))
+                if sum(len(images) for _, images in stacks) >= GROUP_SLICES:
+                    segment_and_write(pool, pending.pop(shape))
+        for stacks in pending.values():
+            segment_and_write(pool, stacks)
     return {"written": written, "failed": failed, "notes": notes}
 
 
