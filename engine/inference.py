@@ -240,10 +240,6 @@ class Segmenter:
             probabilities > s.threshold, min_component_size=s.min_component_size,
             min_component_voxels=s.min_component_voxels, keep_largest=s.keep_largest_component)
 
-    def segment(self, volume: np.ndarray, *, batch_size: int) -> tuple[np.ndarray, np.ndarray]:
-        probs = self.probabilities(volume, batch_size=batch_size)
-        return probs, self.masks(probs)
-
     def segment_volumes(self, volumes: list[np.ndarray], *, batch_size: int) -> list[np.ndarray]:
         """The masks of each volume (all of one slice size), the model batches shared."""
         return [self.masks(p) for p in self.probabilities_of(volumes, batch_size=batch_size)]

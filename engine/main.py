@@ -119,19 +119,23 @@ def run(config) -> int:
             tf.errors.CancelledError) as e:
         if rt.num_workers == 1:
             raise
-        print(f"error: worker {rt.worker_index} lost the cluster: {_lost_peer(e.message)} stopped or "
-              f"cannot be reached ({type(e).__name__}). Start every worker again with the same "
-              "command: the run resumes from its last checkpoint", file=sys.stderr, flush=True)
-        sys.stdout.flush()
-        # Not sys.exit: the interpreter's shutdown tears down the collective runtime, which can
-        # wait on the worker that is gone (over a minute on a loaded machine). Checkpoints are
-        # already whole on disk; summaries the resumed run writes again are all that is skipped.
-        os._exit(1)
+        _exit_lost_cluster(rt.worker_index, e)
     except (CheckpointError, NonFiniteLossError) as e:
         fail(str(e), 1)
     except OSError as e:  # A full or read-only disk outside the checkpoint manager.
         fail(f"cannot write {e.filename or 'the run directory'}: {e.strerror or e}", 1)
     return 0
+
+
+def _exit_lost_cluster(worker_index: int, e: Exception) -> None:
+    print(f"error: worker {worker_index} lost the cluster: {_lost_peer(e.message)} stopped or "
+          f"cannot be reached ({type(e).__name__}). Start every worker again with the same "
+          "command: the run resumes from its last checkpoint", file=sys.stderr, flush=True)
+    sys.stdout.flush()
+    # Not sys.exit: the interpreter's shutdown tears down the collective runtime, which can wait
+    # on the worker that is gone (over a minute on a loaded machine). Checkpoints are already
+    # whole on disk; summaries the resumed run writes again are all that is skipped.
+    os._exit(1)
 
 
 def main(argv: list[str], flag_values: flags.FlagValues = FLAGS) -> None:

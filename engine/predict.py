@@ -19,7 +19,7 @@ from data.lgg import DataError
 from engine import inference
 from engine.atomic import atomic_write, atomic_write_json, read_json_object
 from engine.config import Config
-from engine.inference import GROUP_SLICES, Segmenter
+from engine.inference import Segmenter, groups
 
 log = logging.getLogger(__name__)
 
@@ -227,29 +227,29 @@ def predict_files(segmenter: Segmenter, jobs: list[Job], protected: list[Job], *
                 failed.append((str(target), error))
                 log.info(f"error: {target}: {error}")
 
-    # Volumes of one slice size wait until a group is full (inference.groups), then share batches.
-    pending: dict[tuple, list[tuple[list[Job], np.ndarray]]] = {}
+    folders = volumes(jobs, protected)
     with concurrent.futures.ThreadPoolExecutor(max_workers=min(8, os.cpu_count() or 1)) as pool:
-        for volume in volumes(jobs, protected):
-            decoded = list(pool.map(_try_read, [str(j.source) for j in volume]))
-            # A folder of slices of several sizes is one volume per size.
-            by_shape: dict[tuple, list[int]] = {}
-            for i, (image, image_notes, error) in enumerate(decoded):
-                if error is not None:
-                    failed.append((str(volume[i].source), error))
-                    log.info(f"error: {volume[i].source}: {error}")
-                    continue
-                if id(volume[i]) in writes:
-                    for note in image_notes:
-                        notes[note] = notes.get(note, 0) + 1
-                by_shape.setdefault(image.shape, []).append(i)
-            for shape, indices in by_shape.items():
-                stacks = pending.setdefault(shape, [])
-                stacks.append(([volume[i] for i in indices], np.stack([decoded[i][0] for i in indices])))
-                if sum(len(images) for _, images in stacks) >= GROUP_SLICES:
-                    segment_and_write(pool, pending.pop(shape))
-        for stacks in pending.values():
-            segment_and_write(pool, stacks)
+        for group in groups([len(v) for v in folders]):
+            # The group's volumes share model batches; a folder of slices of several sizes is one
+            # volume per size.
+            by_shape: dict[tuple, list[tuple[list[Job], np.ndarray]]] = {}
+            for volume in (folders[g] for g in group):
+                decoded = list(pool.map(_try_read, [str(j.source) for j in volume]))
+                sized: dict[tuple, list[int]] = {}
+                for i, (image, image_notes, error) in enumerate(decoded):
+                    if error is not None:
+                        failed.append((str(volume[i].source), error))
+                        log.info(f"error: {volume[i].source}: {error}")
+                        continue
+                    if id(volume[i]) in writes:
+                        for note in image_notes:
+                            notes[note] = notes.get(note, 0) + 1
+                    sized.setdefault(image.shape, []).append(i)
+                for shape, indices in sized.items():
+                    by_shape.setdefault(shape, []).append(
+                        ([volume[i] for i in indices], np.stack([decoded[i][0] for i in indices])))
+            for stacks in by_shape.values():
+                segment_and_write(pool, stacks)
     return {"written": written, "failed": failed, "notes": notes}
 
 
