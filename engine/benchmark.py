@@ -20,7 +20,7 @@ from engine import state as state_lib
 from engine import steps as steps_lib
 from engine.config import Config
 from engine.rundir import RunDir, RunDirError
-from engine.runtime import Runtime
+from engine.runtime import Runtime, cpu_info
 from models import losses, unet
 
 log = logging.getLogger(__name__)
@@ -436,7 +436,7 @@ def _report(config: Config, runtime: Runtime, size, train: Timing, evaluation: T
         "peak_device_memory_mb": _peak_device_memory_mb(runtime),
         "data": config.benchmark_data,
         "device": runtime.device,
-        "cpu": _cpu_name(),
+        "cpu": cpu_info().record(),
         "precision": runtime.precision,
         "precision_reason": runtime.precision_reason,
         "jit_compile": runtime.jit_compile,
@@ -445,23 +445,6 @@ def _report(config: Config, runtime: Runtime, size, train: Timing, evaluation: T
                   "depth": config.depth, "batch_norm": config.batch_norm, "neighbours": config.neighbours},
         "traces": dict(steps.traces),
     }
-
-
-def _cpu_name() -> dict:
-    """Which CPU the figures came from: its model name, family and model, and the flags that decide
-    the precision (/proc/cpuinfo)."""
-    from engine.runtime import cpu_flags
-
-    fields = {}
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                key, _, value = line.partition(":")
-                if key.strip() in ("model name", "cpu family", "model") and key.strip() not in fields:
-                    fields[key.strip()] = value.strip()
-    except OSError:
-        pass
-    return {**fields, "flags": sorted(cpu_flags() & {"avx2", "avx512f", "avx512_bf16", "amx_tile", "amx_bf16"})}
 
 
 def other_precision(runtime: Runtime) -> str:

@@ -61,26 +61,56 @@ def _gpu_names() -> tuple[str, ...]:
     return tuple(names)
 
 
-def cpu_flags(path: str = "/proc/cpuinfo") -> frozenset[str]:
-    """The instruction-set flags the CPU reports (Linux); empty where there is no such file."""
+@dataclasses.dataclass(frozen=True)
+class Cpu:
+    """What /proc/cpuinfo says of the CPU (its first processor): enough to choose a precision by."""
+
+    vendor: str = ""
+    family: int = 0
+    model: int = 0
+    name: str = ""
+    flags: frozenset[str] = frozenset()
+
+    def record(self) -> dict:
+        """How benchmark.json and the closing notes name the CPU a figure came from."""
+        decisive = {"avx2", "avx512f", "avx512_bf16", "amx_tile", "amx_bf16"}
+        return {"model name": self.name, "vendor": self.vendor, "cpu family": self.family,
+                "model": self.model, "flags": sorted(self.flags & decisive)}
+
+
+def cpu_info(path: str = "/proc/cpuinfo") -> Cpu:
+    """The CPU as Linux reports it; an empty Cpu where there is no such file."""
+    fields: dict[str, str] = {}
     try:
         with open(path) as f:
             for line in f:
-                if line.startswith("flags"):
-                    return frozenset(line.split(":", 1)[1].split())
+                if not line.strip():
+                    break  # the first processor's block is enough: all cores are alike here
+                key, _, value = line.partition(":")
+                fields.setdefault(key.strip(), value.strip())
     except OSError:
-        pass
-    return frozenset()
+        return Cpu()
+
+    def number(key: str) -> int:
+        return int(fields[key]) if fields.get(key, "").isdigit() else 0
+
+    return Cpu(vendor=fields.get("vendor_id", ""), family=number("cpu family"), model=number("model"),
+               name=fields.get("model name", ""), flags=frozenset(fields.get("flags", "").split()))
 
 
-def resolve_precision(requested: str, *, has_gpu: bool, flags: frozenset[str], mode: str = "train") -> tuple[str, str]:
+# AMD's Zen 5 (family 26) runs AVX512_BF16 on full-width 512-bit units.
+ZEN5_FAMILY = 26
+
+
+def resolve_precision(requested: str, *, has_gpu: bool, cpu: Cpu, mode: str = "train") -> tuple[str, str]:
     """The precision a run computes in, and why.
 
-    'auto' is mixed_float16 on a GPU (tensor cores); on a CPU with AMX (amx_tile and amx_bf16)
-    mixed_bfloat16, whose convolutions run on the tile units (BUILD.md "Precision on CPU": 2.1x
-    the float32 training step at base 16, 2.5x at base 32, on a 2-core Xeon with AMX); float32 on
-    every other CPU, AVX512_BF16 without AMX included, where bfloat16 measured 1.5x slower. An
-    export is float32 unless asked: it is served elsewhere.
+    'auto' is mixed_float16 on a GPU (tensor cores). On a CPU it is mixed_bfloat16 where bfloat16
+    measured faster than float32 (BUILD.md "Device policy" has the table by CPU): with AMX
+    (amx_tile and amx_bf16), whose tile units run the convolutions, and on AMD Zen 5 or later
+    with AVX512_BF16. Everywhere else float32: AVX512_BF16 on an Intel CPU without AMX measured
+    1.5x slower, and Zen 4 was not measured. An export is float32 unless asked: it is served
+    elsewhere.
 
     Returns:
       (precision, reason).
@@ -91,11 +121,15 @@ def resolve_precision(requested: str, *, has_gpu: bool, flags: frozenset[str], m
         return "float32", "an export runs wherever it is served: float32 unless --precision says otherwise"
     if has_gpu:
         return "mixed_float16", "a GPU: float16 on its tensor cores"
-    if {"amx_tile", "amx_bf16"} <= flags:
+    if {"amx_tile", "amx_bf16"} <= cpu.flags:
         return "mixed_bfloat16", "the CPU has AMX (amx_tile, amx_bf16): bfloat16 convolutions run on its tile units"
-    if "avx512_bf16" in flags:
-        return "float32", "the CPU has AVX512_BF16 but no AMX: bfloat16 measured slower than float32 there"
-    return "float32", "the CPU has no bfloat16 matrix units (no AMX)"
+    if "avx512_bf16" in cpu.flags and cpu.vendor == "AuthenticAMD" and cpu.family >= ZEN5_FAMILY:
+        return "mixed_bfloat16", (f"an AMD Zen 5 or later (family {cpu.family}) with AVX512_BF16: bfloat16 "
+                                  "measured faster than float32 there")
+    if "avx512_bf16" in cpu.flags:
+        return "float32", ("the CPU has AVX512_BF16 but no AMX and is not a Zen 5: bfloat16 measured slower "
+                           "than float32 on such an Intel CPU, and was not measured on Zen 4")
+    return "float32", "the CPU has no bfloat16 matrix units (no AMX, no AVX512_BF16)"
 
 
 def resolve_jit(requested: str, has_gpu: bool) -> bool:
@@ -229,7 +263,7 @@ def resolve(config) -> Runtime:
     keras.utils.set_random_seed(seed)
 
     has_gpu = bool(physical_gpus)
-    resolved_precision, precision_reason = resolve_precision(precision, has_gpu=has_gpu, flags=cpu_flags(),
+    resolved_precision, precision_reason = resolve_precision(precision, has_gpu=has_gpu, cpu=cpu_info(),
                                                              mode=c.mode)
     keras.mixed_precision.set_global_policy(resolved_precision)
     dist = _make_strategy(strategy, len(physical_gpus), cpu_devices, c.collective_timeout)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import os
 
 import keras
@@ -12,7 +13,7 @@ import tensorflow as tf
 from engine import steps as steps_lib
 from engine.state import TrainState
 from engine.config import Config
-from engine.runtime import Runtime, cpu_flags, resolve_jit, resolve_precision
+from engine.runtime import Cpu, Runtime, cpu_info, resolve_jit, resolve_precision
 
 
 @pytest.fixture
@@ -50,32 +51,48 @@ def _setup(precision, policy):
     return state, state.steps(config, rt)
 
 
-# /proc/cpuinfo flags of CPUs measured (BUILD.md "Precision on CPU"), trimmed to what decides.
-AMX_XEON = frozenset("avx2 avx512f avx512_bf16 amx_bf16 amx_tile amx_int8".split())
-BF16_NO_AMX = frozenset("avx2 avx512f avx512_bf16".split())
-PLAIN = frozenset("sse4_2 avx2 fma".split())
+# CPUs measured (BUILD.md "Device policy"), their flags trimmed to what decides.
+AMX_XEON = Cpu("GenuineIntel", 6, 167, "Intel Xeon", frozenset("avx2 avx512f avx512_bf16 amx_bf16 amx_tile amx_int8".split()))
+BF16_XEON = Cpu("GenuineIntel", 6, 207, "Intel Xeon", frozenset("avx2 avx512f avx512_bf16".split()))
+ZEN5 = Cpu("AuthenticAMD", 26, 2, "AMD EPYC", frozenset("avx2 avx512f avx512_bf16".split()))
+ZEN4 = Cpu("AuthenticAMD", 25, 17, "AMD EPYC", frozenset("avx2 avx512f avx512_bf16".split()))
+PLAIN = Cpu("GenuineIntel", 6, 85, "Intel Xeon", frozenset("sse4_2 avx2 fma".split()))
 
 
-def test_auto_precision_follows_the_cpu_flags():
-    assert resolve_precision("auto", has_gpu=False, flags=AMX_XEON)[0] == "mixed_bfloat16"
-    assert "AMX" in resolve_precision("auto", has_gpu=False, flags=AMX_XEON)[1]
-    # bfloat16 without AMX ran slower than float32: auto keeps float32 there, and on every other CPU.
-    assert resolve_precision("auto", has_gpu=False, flags=BF16_NO_AMX)[0] == "float32"
-    assert resolve_precision("auto", has_gpu=False, flags=PLAIN)[0] == "float32"
-    assert resolve_precision("auto", has_gpu=False, flags=frozenset({"amx_tile"}))[0] == "float32"
-    assert resolve_precision("auto", has_gpu=True, flags=AMX_XEON)[0] == "mixed_float16"
+def _auto(cpu, **kwargs):
+    return resolve_precision("auto", has_gpu=kwargs.pop("has_gpu", False), cpu=cpu, **kwargs)
+
+
+def test_auto_precision_follows_the_cpu():
+    # bfloat16 where it measured faster: AMX tiles, and Zen 5's full-width AVX512_BF16.
+    assert _auto(AMX_XEON)[0] == "mixed_bfloat16" and "AMX" in _auto(AMX_XEON)[1]
+    assert _auto(ZEN5)[0] == "mixed_bfloat16" and "Zen 5" in _auto(ZEN5)[1]
+    # float32 where bfloat16 ran slower (an Intel CPU without AMX), was not measured (Zen 4),
+    # or has no bfloat16 instructions; half of AMX is not AMX.
+    assert _auto(BF16_XEON)[0] == "float32"
+    assert _auto(ZEN4)[0] == "float32"
+    assert _auto(PLAIN)[0] == "float32"
+    assert _auto(Cpu("AuthenticAMD", 26, 2, "AMD EPYC", frozenset({"avx2", "avx512f"})))[0] == "float32"
+    assert _auto(dataclasses.replace(AMX_XEON, flags=frozenset({"amx_tile"})))[0] == "float32"
+    assert _auto(Cpu())[0] == "float32"
+    assert _auto(ZEN5, has_gpu=True)[0] == "mixed_float16"
     # An export is served elsewhere; a precision that is asked for is taken as it is.
-    assert resolve_precision("auto", has_gpu=False, flags=AMX_XEON, mode="export")[0] == "float32"
-    assert resolve_precision("mixed_bfloat16", has_gpu=False, flags=PLAIN) == (
+    assert _auto(AMX_XEON, mode="export")[0] == "float32"
+    assert _auto(ZEN5, mode="export")[0] == "float32"
+    assert resolve_precision("mixed_bfloat16", has_gpu=False, cpu=PLAIN) == (
         "mixed_bfloat16", "--precision=mixed_bfloat16")
 
 
-def test_cpu_flags_are_read_from_cpuinfo(tmp_path):
+def test_the_cpu_is_read_from_cpuinfo(tmp_path):
     cpuinfo = tmp_path / "cpuinfo"
-    cpuinfo.write_text("processor\t: 0\nmodel name\t: Xeon\nflags\t\t: fpu avx2 amx_tile amx_bf16\n\n"
-                       "processor\t: 1\nflags\t\t: fpu avx2 amx_tile amx_bf16\n")
-    assert cpu_flags(str(cpuinfo)) == {"fpu", "avx2", "amx_tile", "amx_bf16"}
-    assert cpu_flags(str(tmp_path / "missing")) == frozenset()
+    cpuinfo.write_text("processor\t: 0\nvendor_id\t: AuthenticAMD\ncpu family\t: 26\nmodel\t\t: 2\n"
+                       "model name\t: AMD EPYC\nflags\t\t: fpu avx2 avx512_bf16\n\n"
+                       "processor\t: 1\nvendor_id\t: AuthenticAMD\nflags\t\t: fpu avx2 avx512_bf16\n")
+    cpu = cpu_info(str(cpuinfo))
+    assert cpu == Cpu("AuthenticAMD", 26, 2, "AMD EPYC", frozenset({"fpu", "avx2", "avx512_bf16"}))
+    assert _auto(cpu)[0] == "mixed_bfloat16"
+    assert cpu.record()["flags"] == ["avx2", "avx512_bf16"]
+    assert cpu_info(str(tmp_path / "missing")) == Cpu()
 
 
 def test_auto_jit_is_decided_by_the_hardware():
@@ -205,6 +222,6 @@ def test_config_json_records_what_auto_chose_and_why(tmp_path):
     proc = run_engine(config_flags(tiny_config(run_dir, image_size=32, epochs=1, precision="auto")))
     assert proc.returncode == 0, proc.stderr
     recorded = json.loads((run_dir / "config.json").read_text())["runtime"]
-    expected = resolve_precision("auto", has_gpu=False, flags=cpu_flags())
+    expected = resolve_precision("auto", has_gpu=False, cpu=cpu_info())
     assert (recorded["precision"], recorded["precision_reason"]) == expected
     assert recorded["global_batch"] == 8
