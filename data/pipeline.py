@@ -269,13 +269,18 @@ def train_dataset(
     augment: Augment | None,
     positive_fraction: float = 0.0,
     skip_batches: int = 0,
+    epochs: int = 1,
 ) -> tf.data.Dataset:
-    """One training epoch of augmented, fixed-shape batches.
+    """Training epochs of augmented, fixed-shape batches, from `epoch` on.
 
     Everything random is a pure function of (seed, epoch): the order of the
     slices and each batch's augmentation (keyed by its index in the epoch), so
     any epoch can be replayed exactly, and `skip_batches=k` yields the same
     batches as the full epoch minus its first k.
+
+    A run reads all its epochs from one dataset (`epochs`), so one iterator: destroying an
+    iterator waits for its tf.data autotuning thread, which can sleep for seconds (up to
+    half an epoch's time was lost to that at every epoch end).
 
     Args:
       images: uint8 [N, H, W, 3].
@@ -287,7 +292,8 @@ def train_dataset(
       augment: augmentation ranges, or None for none.
       positive_fraction: if > 0, the share of each epoch's slices that are
         lesion-positive (resampled; the epoch keeps N slices).
-      skip_batches: batches to skip at the start of the epoch (mid-epoch resume).
+      skip_batches: batches to skip at the start of the first epoch (mid-epoch resume).
+      epochs: how many epochs, one after the other: `epoch`, `epoch + 1`, ...
 
     Returns:
       A dataset of {"image": float32 [B,S,S,3], "mask": float32 [B,S,S,1],
@@ -298,8 +304,8 @@ def train_dataset(
         positive_fraction asking for a class that is absent.
     """
     _check_arrays(images, masks)
-    if seed < 0 or epoch < 0:
-        raise ValueError(f"seed and epoch must be >= 0, got {seed}, {epoch}")
+    if seed < 0 or epoch < 0 or epochs < 1:
+        raise ValueError(f"seed and epoch must be >= 0 and epochs >= 1, got {seed}, {epoch}, {epochs}")
     if not 0.0 <= positive_fraction <= 1.0:
         raise ValueError(f"positive_fraction must be in [0, 1], got {positive_fraction}")
     num_batches = train_batches_per_epoch(len(images), batch_size)
@@ -309,19 +315,22 @@ def train_dataset(
         raise ValueError(f"skip_batches must be in [0, {num_batches}], got {skip_batches}")
 
     positive = masks.reshape(len(masks), -1).max(axis=1) > 0 if positive_fraction > 0 else None
-    order = _epoch_order(positive, len(images), seed=seed, epoch=epoch, positive_fraction=positive_fraction)
-    order = order[: num_batches * batch_size].reshape(num_batches, batch_size)[skip_batches:]
-    key = tf.constant(_augment_key(seed, epoch), tf.int64)
+    orders, batches, keys = [], [], []
+    for e in range(epoch, epoch + epochs):
+        order = _epoch_order(positive, len(images), seed=seed, epoch=e, positive_fraction=positive_fraction)
+        first = skip_batches if e == epoch else 0
+        orders.append(order[: num_batches * batch_size].reshape(num_batches, batch_size)[first:])
+        batches.append(np.arange(first, num_batches, dtype=np.int64))
+        keys.append(np.full(num_batches - first, _augment_key(seed, e), np.int64))
 
-    def load(indices, batch):
+    def load(indices, batch, key):
         img, msk = _gather(images, masks, indices, batch_size)
         img, msk = preprocess(img, image_size), resize_masks(msk, image_size)
         if augment is not None:
             img, msk = _augment_batch(img, msk, key, batch, augment)
         return {"image": img, "mask": msk, "weight": tf.ones([batch_size], tf.float32)}
 
-    batches = np.arange(skip_batches, num_batches, dtype=np.int64)
-    ds = tf.data.Dataset.from_tensor_slices((order, batches))
+    ds = tf.data.Dataset.from_tensor_slices(tuple(np.concatenate(a) for a in (orders, batches, keys)))
     ds = ds.map(load, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
     return _shard_by_data(ds.prefetch(tf.data.AUTOTUNE))
 

@@ -179,7 +179,8 @@ def train_model(config: Config, runtime: Runtime, run_dir: RunDir, cluster: Clus
             shutil.rmtree(wired.checkpointer.manager.directory, ignore_errors=True)
     step, per_epoch = wired.trainer.step, wired.trainer.steps_per_epoch
     summary = {"step": step, "epoch": step // per_epoch, "restored": restored is not None,
-               "traces": {**wired.steps.traces, "predict": wired.overlays.predictor.traces}}
+               "traces": {**wired.steps.traces, "predict": wired.overlays.predictor.traces},
+               "iterators": wired.trainer.iterators}
     if signal_name:
         wired.writer.close()
         log.info(f"{stop.signal_name or 'A signal to another worker'} received: saved a checkpoint at "
@@ -224,7 +225,8 @@ def _wire(config: Config, runtime: Runtime, run: RunDir, data: inputs.SplitData,
     trainer = Trainer(state=state, steps=steps, strategy=runtime.strategy, data=train_set,
                       schedule=schedule, global_batch=runtime.global_batch, image_size=config.image_size,
                       seed=config.seed, augment=config.augmentation,
-                      positive_fraction=config.positive_fraction, checkpoints=run.checkpoints)
+                      positive_fraction=config.positive_fraction, checkpoints=run.checkpoints,
+                      epochs=config.epochs)
     policies = actions.Policies(
         monitor=config.monitor, schedule=schedule, lower_lr=config.lr_schedule == "plateau",
         plateau=ReduceLROnPlateau(mode=config.monitor_mode, factor=config.plateau_factor,

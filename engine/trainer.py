@@ -42,16 +42,18 @@ class Trainer:
 
     def __init__(self, *, state: TrainState, steps: steps_lib.Steps, strategy: tf.distribute.Strategy,
                  data: LggDataset, schedule: Schedule, global_batch: int, image_size: int, seed: int,
-                 augment: pipeline.Augment | None, positive_fraction: float, checkpoints: str):
+                 augment: pipeline.Augment | None, positive_fraction: float, checkpoints: str, epochs: int):
         self.train_state, self.steps, self.strategy, self.schedule = state, steps, strategy, schedule
         self.data, self.global_batch, self.image_size = data, global_batch, image_size
         self.seed, self.augment, self.positive_fraction = seed, augment, positive_fraction
         self.checkpoints = checkpoints  # named when the run fails: what it can resume from
+        self.epochs = epochs  # the data runs to the end of the last epoch
         self.steps_per_epoch = pipeline.train_batches_per_epoch(len(data.records), global_batch)
         if self.steps_per_epoch == 0:
             raise DataError(f"the training split has {len(data.records)} slices, fewer than one "
                             f"global batch of {global_batch}; lower --batch_size or add patients")
         self._iterator = None
+        self.iterators = 0  # how many times the data was started: once per run, or per resume
         self._next_step: int | None = None  # the step the iterator's next batch belongs to
         self._window = self._epoch = None
 
@@ -78,17 +80,19 @@ class Trainer:
         epoch, offset = divmod(step, self.steps_per_epoch)
         if offset + num_steps > self.steps_per_epoch:
             raise ValueError(f"{num_steps} steps from step {step} would cross the end of epoch {epoch}")
-        if self._next_step != step:
+        if self._next_step != step:  # the run's remaining epochs, in one iterator (see train_dataset)
             ds = pipeline.train_dataset(
                 self.data.images, self.data.masks, batch_size=self.global_batch,
                 image_size=self.image_size, seed=self.seed, epoch=epoch, augment=self.augment,
-                positive_fraction=self.positive_fraction, skip_batches=offset)
+                positive_fraction=self.positive_fraction, skip_batches=offset,
+                epochs=max(1, self.epochs - epoch))
             self._iterator = iter(self.strategy.experimental_distribute_dataset(ds))
+            self.iterators += 1
         self.train_state.set_learning_rate(self.schedule(step))
         start = time.perf_counter()
         # The host read-back is where the step's time is paid.
         out = {k: float(v) for k, v in self.steps.train(self._iterator, tf.constant(num_steps, tf.int32)).items()}
-        self._next_step = step + num_steps if offset + num_steps < self.steps_per_epoch else None
+        self._next_step = step + num_steps
         if out["nonfinite"]:
             raise NonFiniteLossError(
                 f"the training loss or weights became NaN or infinite at step {step + num_steps} "

@@ -49,3 +49,10 @@ def test_loss_falls(trained):
 def test_each_compiled_function_traces_once(trained):
     _, summary = trained
     assert summary["traces"] == {"train": 1, "eval": 1, "predict": 1}
+
+
+def test_the_training_data_is_one_iterator_for_the_whole_run(trained):
+    # A new iterator per epoch cost seconds at each epoch end: destroying one waits for its
+    # tf.data autotuning thread.
+    _, summary = trained
+    assert summary["iterators"] == 1

@@ -119,6 +119,19 @@ def test_skip_batches_resumes_on_the_same_batches():
         _train(images, masks, skip_batches=6)
 
 
+def test_several_epochs_in_one_dataset_are_the_epochs_one_after_another():
+    images, masks = _arrays()
+    together = list(_train(images, masks, epoch=2, skip_batches=3, epochs=3).as_numpy_iterator())
+    apart = [b for e, skip in ((2, 3), (3, 0), (4, 0))
+             for b in _train(images, masks, epoch=e, skip_batches=skip).as_numpy_iterator()]
+    assert len(together) == len(apart) == 2 + 5 + 5
+    for got, want in zip(together, apart):
+        for k in want:
+            np.testing.assert_array_equal(got[k], want[k])
+    with pytest.raises(ValueError, match="epochs"):
+        _train(images, masks, epochs=0)
+
+
 def test_augmentation_keeps_masks_binary_and_aligned():
     images, masks = _arrays()
     aug = dataclasses.replace(GEO, rotation_deg=30.0, shift=0.1, shear=0.1, zoom=0.1)
