@@ -25,22 +25,29 @@ log = logging.getLogger(__name__)
 
 
 class Evaluate:
-    """Streams the eval step over the validation split: summed counts, then one Dice."""
+    """Streams the eval step over the validation split: summed counts, then one Dice.
+
+    Every evaluation reads the next pass of one repeating iterator: destroying an iterator
+    waits for its tf.data autotuning thread, which can sleep for seconds.
+    """
 
     def __init__(self, *, steps: steps_lib.Steps, strategy: tf.distribute.Strategy,
                  data: LggDataset, batch_size: int, image_size: int):
         self.steps, self.strategy, self.data = steps, strategy, data
         self.batch_size, self.image_size = batch_size, image_size
+        self._batches = None
 
     def __call__(self) -> dict[str, float]:
         """{"val_loss", "val_dice", "val_iou"}; {} when there is no validation split."""
         if not len(self.data.records):
             return {}
-        ds = pipeline.eval_dataset(self.data.images, self.data.masks, batch_size=self.batch_size,
-                                   image_size=self.image_size)
+        if self._batches is None:
+            ds = pipeline.eval_dataset(self.data.images, self.data.masks, batch_size=self.batch_size,
+                                       image_size=self.image_size)
+            self._batches = iter(self.strategy.experimental_distribute_dataset(ds.repeat()))
         totals = None
-        for batch in self.strategy.experimental_distribute_dataset(ds):
-            totals = steps_lib.add_sums(totals, self.steps.evaluate(batch))
+        for _ in range(-(-len(self.data.records) // self.batch_size)):  # one pass: every slice once
+            totals = steps_lib.add_sums(totals, self.steps.evaluate(next(self._batches)))
         val = steps_lib.summarize_eval({k: float(v) for k, v in totals.items()})
         return {f"val_{k}": v for k, v in val.items()}
 

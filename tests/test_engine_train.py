@@ -56,3 +56,30 @@ def test_the_training_data_is_one_iterator_for_the_whole_run(trained):
     # tf.data autotuning thread.
     _, summary = trained
     assert summary["iterators"] == 1
+
+
+def test_every_evaluation_reads_each_validation_slice_once():
+    # Evaluate keeps one repeating iterator; each call must be exactly one pass over the slices
+    # (10 slices in batches of 4: the last batch padded with weight 0), never into the next.
+    import tensorflow as tf
+
+    from data.dataset import LggDataset
+    from data.lgg import SliceRecord
+    from engine.actions import Evaluate
+
+    n = 10
+    images = np.zeros((n, 8, 8, 3), np.uint8)
+    images[:, 0, 0, 0] = np.arange(1, n + 1)  # the slice's number, to see which slices were read
+    records = tuple(SliceRecord("TCGA_CS_0001", "CS", i + 1, f"{i}.tif", f"{i}_mask.tif") for i in range(n))
+    data = LggDataset(records, images, np.zeros((n, 8, 8), np.uint8))
+
+    class Sums:
+        def evaluate(self, batch):
+            ids = tf.round(batch["image"][:, 0, 0, 0] * 255.0)
+            zero = tf.constant(0.0)
+            return {"loss_sum": tf.reduce_sum(ids * batch["weight"]), "weight_sum": tf.reduce_sum(batch["weight"]),
+                    "intersection": zero, "predicted": zero, "target": zero}
+
+    evaluate = Evaluate(steps=Sums(), strategy=tf.distribute.get_strategy(), data=data, batch_size=4, image_size=8)
+    losses = [evaluate()["val_loss"] for _ in range(3)]
+    assert losses == [sum(range(1, n + 1)) / n] * 3
