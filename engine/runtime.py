@@ -72,7 +72,7 @@ class Cpu:
     flags: frozenset[str] = frozenset()
 
     def record(self) -> dict:
-        """How benchmark.json and the closing notes name the CPU a figure came from."""
+        """How benchmark.json names the CPU its figures came from."""
         decisive = {"avx2", "avx512f", "avx512_bf16", "amx_tile", "amx_bf16"}
         return {"model name": self.name, "vendor": self.vendor, "cpu family": self.family,
                 "model": self.model, "flags": sorted(self.flags & decisive)}
