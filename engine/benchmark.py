@@ -20,7 +20,7 @@ from engine import state as state_lib
 from engine import steps as steps_lib
 from engine.config import Config
 from engine.rundir import RunDir, RunDirError
-from engine.runtime import Runtime, cpu_info
+from engine.runtime import Runtime
 from models import losses, unet
 
 log = logging.getLogger(__name__)
@@ -436,7 +436,7 @@ def _report(config: Config, runtime: Runtime, size, train: Timing, evaluation: T
         "peak_device_memory_mb": _peak_device_memory_mb(runtime),
         "data": config.benchmark_data,
         "device": runtime.device,
-        "cpu": cpu_info().record(),
+        "cpu": runtime.cpu.record(),
         "precision": runtime.precision,
         "precision_reason": runtime.precision_reason,
         "jit_compile": runtime.jit_compile,

@@ -17,6 +17,23 @@ HEARTBEAT_SECONDS = 10
 
 
 @dataclasses.dataclass(frozen=True)
+class Cpu:
+    """What /proc/cpuinfo says of the CPU (its first processor): enough to choose a precision by."""
+
+    vendor: str = ""
+    family: int = 0
+    model: int = 0
+    name: str = ""
+    flags: frozenset[str] = frozenset()
+
+    def record(self) -> dict:
+        """How config.json and benchmark.json name the CPU."""
+        decisive = {"avx2", "avx512f", "avx512_bf16", "amx_tile", "amx_bf16"}
+        return {"model name": self.name, "vendor": self.vendor, "cpu family": self.family,
+                "model": self.model, "flags": sorted(self.flags & decisive)}
+
+
+@dataclasses.dataclass(frozen=True)
 class Runtime:
     """What the hardware and the config resolved to. Nothing deeper asks "am I on a GPU?"."""
 
@@ -35,12 +52,13 @@ class Runtime:
     worker_index: int
     num_workers: int
     sync_batch_norm: bool
+    cpu: Cpu = Cpu()  # what the precision was chosen by, and what benchmark.json names
 
     def record(self) -> dict:
         """What config.json records of the device policy."""
-        return {"device": self.device, "precision": self.precision, "precision_reason": self.precision_reason,
-                "jit_compile": self.jit_compile, "replicas": self.replicas, "workers": self.num_workers,
-                "global_batch": self.global_batch}
+        return {"device": self.device, "cpu": self.cpu.record(), "precision": self.precision,
+                "precision_reason": self.precision_reason, "jit_compile": self.jit_compile,
+                "replicas": self.replicas, "workers": self.num_workers, "global_batch": self.global_batch}
 
     def describe(self) -> str:
         return (
@@ -59,23 +77,6 @@ def _gpu_names() -> tuple[str, ...]:
         details = tf.config.experimental.get_device_details(gpu)
         names.append(details.get("device_name", gpu.name))
     return tuple(names)
-
-
-@dataclasses.dataclass(frozen=True)
-class Cpu:
-    """What /proc/cpuinfo says of the CPU (its first processor): enough to choose a precision by."""
-
-    vendor: str = ""
-    family: int = 0
-    model: int = 0
-    name: str = ""
-    flags: frozenset[str] = frozenset()
-
-    def record(self) -> dict:
-        """How benchmark.json names the CPU its figures came from."""
-        decisive = {"avx2", "avx512f", "avx512_bf16", "amx_tile", "amx_bf16"}
-        return {"model name": self.name, "vendor": self.vendor, "cpu family": self.family,
-                "model": self.model, "flags": sorted(self.flags & decisive)}
 
 
 def cpu_info(path: str = "/proc/cpuinfo") -> Cpu:
@@ -263,7 +264,8 @@ def resolve(config) -> Runtime:
     keras.utils.set_random_seed(seed)
 
     has_gpu = bool(physical_gpus)
-    resolved_precision, precision_reason = resolve_precision(precision, has_gpu=has_gpu, cpu=cpu_info(),
+    cpu = cpu_info()
+    resolved_precision, precision_reason = resolve_precision(precision, has_gpu=has_gpu, cpu=cpu,
                                                              mode=c.mode)
     keras.mixed_precision.set_global_policy(resolved_precision)
     dist = _make_strategy(strategy, len(physical_gpus), cpu_devices, c.collective_timeout)
@@ -286,4 +288,5 @@ def resolve(config) -> Runtime:
         worker_index=worker_index,
         num_workers=num_workers,
         sync_batch_norm=replicas > 1,
+        cpu=cpu,
     )

@@ -224,4 +224,5 @@ def test_config_json_records_what_auto_chose_and_why(tmp_path):
     recorded = json.loads((run_dir / "config.json").read_text())["runtime"]
     expected = resolve_precision("auto", has_gpu=False, cpu=cpu_info())
     assert (recorded["precision"], recorded["precision_reason"]) == expected
+    assert recorded["cpu"] == cpu_info().record()  # which CPU the choice was made on
     assert recorded["global_batch"] == 8
