@@ -200,8 +200,9 @@ class Config:
     positive_fraction: float = _field(0.0, "Over-sample lesion-positive slices to this fraction of each "
                                       "epoch (0: natural).", _below_one, hparam=True)
     # Device policy.
-    precision: str = _field("auto", f"One of {', '.join(PRECISIONS)}; auto = mixed_float16 on GPU, "
-                            "float32 on CPU.", _one_of(PRECISIONS), hparam=True)
+    precision: str = _field("auto", f"One of {', '.join(PRECISIONS)}; auto = mixed_float16 on GPU; on "
+                            "CPU mixed_bfloat16 with AMX or on AMD Zen 5, else float32 (BUILD.md).",
+                            _one_of(PRECISIONS), hparam=True)
     jit_compile: str = _field("auto", f"XLA: one of {', '.join(JIT_CHOICES)}; auto = on with a GPU, off "
                               "on CPU.", _one_of(JIT_CHOICES))
     strategy: str = _field("auto", f"tf.distribute strategy: one of {', '.join(STRATEGIES)}; auto picks "
