@@ -58,11 +58,13 @@ def test_the_training_data_is_one_iterator_for_the_whole_run(trained):
     assert summary["iterators"] == 1
 
 
-def test_every_evaluation_reads_each_validation_slice_once():
-    # Evaluate keeps one repeating iterator; each call must be exactly one pass over the slices
-    # (10 slices in batches of 4: the last batch padded with weight 0), never into the next.
+def test_every_evaluation_reads_each_validation_slice_once(monkeypatch):
+    # Evaluate keeps one repeating iterator (no iterator is destroyed, and waited for, at each
+    # evaluation); each call must be exactly one pass over the slices (10 slices in batches of 4:
+    # the last batch padded with weight 0), never into the next.
     import tensorflow as tf
 
+    from data import pipeline
     from data.dataset import LggDataset
     from data.lgg import SliceRecord
     from engine.actions import Evaluate
@@ -80,6 +82,10 @@ def test_every_evaluation_reads_each_validation_slice_once():
             return {"loss_sum": tf.reduce_sum(ids * batch["weight"]), "weight_sum": tf.reduce_sum(batch["weight"]),
                     "intersection": zero, "predicted": zero, "target": zero}
 
+    built = []
+    eval_dataset = pipeline.eval_dataset
+    monkeypatch.setattr(pipeline, "eval_dataset", lambda *a, **k: built.append(1) or eval_dataset(*a, **k))
     evaluate = Evaluate(steps=Sums(), strategy=tf.distribute.get_strategy(), data=data, batch_size=4, image_size=8)
     losses = [evaluate()["val_loss"] for _ in range(3)]
     assert losses == [sum(range(1, n + 1)) / n] * 3
+    assert len(built) == 1  # one dataset, one iterator, for all three evaluations

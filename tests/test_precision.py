@@ -59,8 +59,8 @@ ZEN4 = Cpu("AuthenticAMD", 25, 17, "AMD EPYC", frozenset("avx2 avx512f avx512_bf
 PLAIN = Cpu("GenuineIntel", 6, 85, "Intel Xeon", frozenset("sse4_2 avx2 fma".split()))
 
 
-def _auto(cpu, **kwargs):
-    return resolve_precision("auto", has_gpu=kwargs.pop("has_gpu", False), cpu=cpu, **kwargs)
+def _auto(cpu, *, has_gpu=False, mode="train"):
+    return resolve_precision("auto", has_gpu=has_gpu, cpu=cpu, mode=mode)
 
 
 def test_auto_precision_follows_the_cpu():
