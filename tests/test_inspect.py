@@ -58,4 +58,4 @@ def test_no_patients_found_is_reported_not_a_traceback(tmp_path):
 def test_real_subset(lgg_real_data_dir):
     run = _inspect("--data_dir", lgg_real_data_dir)
     assert run.returncode == 0, run.stdout + run.stderr
-    assert _last_json(run.stdout) == {"patients": 29, "slices": 1034, "positive_slices": 372, "problems": 0}
+    assert _last_json(run.stdout) == {"patients": 55, "slices": 1934, "positive_slices": 694, "problems": 0}

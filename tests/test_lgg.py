@@ -197,8 +197,8 @@ def test_loads_synthetic_dataset(tmp_path):
 def test_real_subset_counts_pairing_and_order(lgg_real_data_dir):
     records, problems = lgg.scan(lgg_real_data_dir)
     assert problems == []
-    assert len({r.patient for r in records}) == 29
-    assert len(records) == 1034
+    assert len({r.patient for r in records}) == 55
+    assert len(records) == 1934
     for r in records:
         assert os.path.basename(r.image_path) == f"{r.patient}_{r.slice_number}.tif"
         assert os.path.basename(r.mask_path) == f"{r.patient}_{r.slice_number}_mask.tif"
@@ -207,6 +207,6 @@ def test_real_subset_counts_pairing_and_order(lgg_real_data_dir):
         numbers = [r.slice_number for r in records if r.patient == patient]
         assert numbers == list(range(1, len(numbers) + 1))  # 1, 2, ..., 9, 10: numeric, not 1, 10, 11
     ds = dataset_lib.load(lgg_real_data_dir)
-    assert int(ds.positive.sum()) == 372
-    assert ds.images.shape == (1034, 256, 256, 3)
+    assert int(ds.positive.sum()) == 694
+    assert ds.images.shape == (1934, 256, 256, 3)
     assert lgg.read_clinical_patients(lgg_real_data_dir) >= {lgg.clinical_id(p) for p in ds.patients}
