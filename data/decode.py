@@ -16,8 +16,8 @@ import numpy as np
 import tifffile
 
 from data.lgg import Problem, SliceRecord
-# The one atomic write (engine/atomic.py imports nothing of the project).
-from engine import atomic
+# The one atomic write (data/atomic.py imports nothing of the project).
+from data import atomic
 
 SLICE_SHAPE = (256, 256)
 IMAGE_SHAPE = SLICE_SHAPE + (3,)
@@ -187,7 +187,7 @@ def _array_views(arrays) -> list[memoryview]:
 
 
 def _write_cache(path: pathlib.Path, key: str, records, decoded: Decoded, bad: list[int]) -> None:
-    """Writes the cache atomically (engine/atomic.py), never fsynced."""
+    """Writes the cache atomically (data/atomic.py), never fsynced."""
     views = _array_views([decoded.images, decoded.masks])
     with concurrent.futures.ThreadPoolExecutor(max_workers=2) as pool:
         crcs = list(pool.map(zlib.crc32, views))

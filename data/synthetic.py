@@ -15,8 +15,8 @@ import time
 
 import numpy as np
 
-# The one atomic write (engine/atomic.py imports nothing of the project).
-from engine import atomic
+# The one atomic write (data/atomic.py imports nothing of the project).
+from data import atomic
 import threadpoolctl
 import tifffile
 

@@ -14,8 +14,8 @@ import shutil
 
 import tensorflow as tf
 
-from engine import atomic
-from engine.atomic import fsync_dir as _fsync_dir
+from data import atomic
+from data.atomic import fsync_dir as _fsync_dir
 from engine.monitor import BestMetric
 
 log = logging.getLogger(__name__)
@@ -32,7 +32,7 @@ STATE_FILE = "state.json"
 CHECKPOINTS_SUBDIR = "checkpoints"  # <run_dir>/checkpoints, where the training loop keeps them
 FORMAT = 1
 _CKPT_DIR = re.compile(r"^ckpt-(\d+)$")
-# Saves and deletions go through engine/atomic.py's folder writes, whose temporary names are
+# Saves and deletions go through data/atomic.py's folder writes, whose temporary names are
 # dot-prefixed (.tmp-, .old-, .del-) so they are never mistaken for checkpoints.
 
 
@@ -140,7 +140,7 @@ class CheckpointManager:
         """Writes a checkpoint atomically, then applies retention.
 
         The variables are written into a temporary folder, every file and the folder
-        are fsynced, and the folder is renamed into place (engine/atomic.py), so a
+        are fsynced, and the folder is renamed into place (data/atomic.py), so a
         `ckpt-*` directory is always complete.
 
         Args:

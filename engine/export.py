@@ -12,7 +12,8 @@ import numpy as np
 import tensorflow as tf
 
 from data import volume
-from engine import atomic, inference, rundir
+from data import atomic
+from engine import inference, rundir
 from engine.config import Config
 from engine.inference import Segmenter, probabilities
 from engine.rundir import RunDirError

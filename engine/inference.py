@@ -13,7 +13,7 @@ import tensorflow as tf
 
 from data import pipeline
 from data import volume as data_volume
-from engine import atomic
+from data import atomic
 from engine import checkpoint as checkpoint_lib
 from engine.checkpoint import CheckpointError
 from engine.config import NORMALIZE

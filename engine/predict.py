@@ -17,7 +17,7 @@ import tifffile
 from data.decode import read_page
 from data.lgg import DataError
 from engine import inference
-from engine.atomic import atomic_write, atomic_write_json, read_json_object
+from data.atomic import atomic_write, atomic_write_json, read_json_object
 from engine.config import Config
 from engine.inference import Segmenter, groups
 

@@ -11,7 +11,8 @@ import os
 import platform
 import shutil
 
-from engine import atomic, checkpoint
+from data import atomic
+from engine import checkpoint
 from engine.config import RUN_IDENTITY_FIELDS, Config
 
 log = logging.getLogger(__name__)
