@@ -17,10 +17,11 @@ import tensorflow as tf
 from data import lgg
 from data.dataset import LggDataset
 from data.lgg import DataError
-from engine import inference, inputs, report
+from engine import inputs, report, segmenter as segmenter_lib
 from engine.config import Config
-from engine.inference import Segmenter, groups
+from engine.inference import groups
 from engine.rundir import SPLIT_FILE, RunDir
+from engine.segmenter import Segmenter
 from models import losses, metrics
 
 log = logging.getLogger(__name__)
@@ -184,7 +185,7 @@ def run(config: Config) -> dict:
       DataError: the data or the split cannot be used.
     """
     start = time.perf_counter()
-    segmenter = inference.segmenter(config)
+    segmenter = segmenter_lib.segmenter(config)
     run_dir = RunDir(config.run_dir)
     subset = _data(config, run_dir)
     batch_size = config.eval_batch

@@ -13,10 +13,11 @@ import tensorflow as tf
 
 from data import volume
 from data import atomic
-from engine import inference, rundir
+from engine import rundir, segmenter as segmenter_lib
 from engine.config import Config
-from engine.inference import Segmenter, probabilities
+from engine.inference import probabilities
 from engine.rundir import RunDirError
+from engine.segmenter import Segmenter
 
 log = logging.getLogger(__name__)
 
@@ -159,7 +160,7 @@ def run(config: Config) -> str:
     """
     export_dir = os.path.abspath(config.export_dir or os.path.join(config.run_dir, rundir.SAVED_MODEL))
     check_target(export_dir)  # before the model loads: a refusal does no work
-    segmenter = inference.segmenter(config)
+    segmenter = segmenter_lib.segmenter(config)
     export_saved_model(segmenter, export_dir,
                        metadata={"source": segmenter.sources, "brainseg": rundir.PROJECT_VERSION})
     difference = check_export(export_dir, segmenter)

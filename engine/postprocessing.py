@@ -10,8 +10,11 @@ import numpy as np
 
 from data.dataset import LggDataset
 from engine.config import Config
-from engine.inference import InferenceSpec, Segmenter, load_model, model_image_size, spec_for
+from engine.inference import model_image_size
+from engine.inference_spec import InferenceSpec, spec_for
+from engine.loading import load_model
 from engine.rundir import INFERENCE_FILE, RunDir
+from engine.segmenter import Segmenter
 from models import losses, postprocess
 
 log = logging.getLogger(__name__)

@@ -16,10 +16,11 @@ import tifffile
 
 from data.decode import read_page
 from data.lgg import DataError
-from engine import inference
+from engine import segmenter as segmenter_lib
 from data.atomic import atomic_write, atomic_write_json, read_json_object
 from engine.config import Config
-from engine.inference import Segmenter, groups
+from engine.inference import groups
+from engine.segmenter import Segmenter
 
 log = logging.getLogger(__name__)
 
@@ -300,7 +301,7 @@ def run(config: Config) -> int:
       CheckpointError: no model where the flags point.
     """
     jobs, protected = plan(config.input, config.output)
-    segmenter = inference.segmenter(config)
+    segmenter = segmenter_lib.segmenter(config)
     if protected:
         examples = ", ".join(str(j.target) for j in protected[:3])
         log.info(f"Skipping {len(protected)} image(s) whose {MASK_STEM_SUFFIX}.tif is ground truth in "

@@ -8,7 +8,7 @@ import math
 import numpy as np
 
 from data.dataset import LggDataset
-from engine.inference import Segmenter
+from engine.segmenter import Segmenter
 from engine.summaries import overlay
 
 # Tiles in a patient's overlay grid, and tiles per row.

@@ -21,7 +21,9 @@ from data.lgg import SliceRecord
 from engine import evaluate
 from engine import report as report_lib
 from engine.config import Config, validate
-from engine.inference import InferenceSpec, Predictor, Segmenter
+from engine.inference import Predictor
+from engine.inference_spec import InferenceSpec
+from engine.segmenter import Segmenter
 from models import losses, postprocess
 from tests.helpers import asymmetric_model, config_flags, pointwise_model, run_engine
 

@@ -13,7 +13,9 @@ import pytest
 
 from engine import export
 from engine.config import Config
-from engine.inference import InferenceSpec, Predictor, Segmenter
+from engine.inference import Predictor
+from engine.inference_spec import InferenceSpec
+from engine.segmenter import Segmenter
 from engine.rundir import RunDirError
 from models import unet
 from tests.helpers import config_flags, model_only_config, run_engine

@@ -140,7 +140,7 @@ def test_float16_scales_the_loss_and_counts_skipped_steps(policy):
 
 
 def test_a_saved_model_predicts_in_the_precision_chosen_for_the_machine(tmp_path, policy):
-    from engine.inference import load_model
+    from engine.loading import load_model
     from models.unet import build_unet
 
     policy("float32")

@@ -20,7 +20,8 @@ from data import decode as decode_lib
 from data import lgg
 from engine import export
 from engine.checkpoint import CheckpointManager, verify
-from engine.inference import InferenceSpec, Segmenter
+from engine.inference_spec import InferenceSpec
+from engine.segmenter import Segmenter
 from tests.helpers import (REPO, config_flags, pointwise_model, read_history, run_engine,
                            synthetic_dir, tiny_config)
 
