@@ -15,7 +15,7 @@ from data import pipeline
 from data.dataset import LggDataset
 from engine import steps as steps_lib
 from engine.checkpoint import CheckpointManager
-from engine.controller import EpochEnd, itstime
+from engine.controller import EpochEnd, StopReason, itstime
 from engine.inference import Predictor
 from engine.policies import EarlyStopping, ReduceLROnPlateau
 from engine.schedule import Schedule
@@ -56,14 +56,16 @@ class Policies:
     """Reduce-on-plateau and early stopping, fed the monitored metric at each evaluated epoch end.
 
     The plateau policy lowers the schedule's base rate (unless the schedule is a cosine, when its
-    state is kept but never applied); early stopping sets `stopped`, which ends the run.
+    state is kept but never applied); early stopping sets `stopped` (StopReason.EARLY_STOP),
+    which ends the run, and `stop_detail`, its sentence for the log.
     """
 
     def __init__(self, *, monitor: str, plateau: ReduceLROnPlateau, stopper: EarlyStopping,
                  schedule: Schedule, lower_lr: bool = True):
         self.monitor, self.plateau, self.stopper = monitor, plateau, stopper
         self.schedule, self.lower_lr = schedule, lower_lr
-        self.stopped: str | None = None
+        self.stopped: StopReason | None = None
+        self.stop_detail = ""
 
     def __call__(self, end: EpochEnd) -> None:
         if self.monitor not in end.val:
@@ -77,17 +79,23 @@ class Policies:
         else:
             self.plateau.update(value, self.schedule.base_lr)
         if self.stopper.update(value, epoch=end.epoch):
-            self.stopped = (f"early stopping: no {self.monitor} improvement for "
-                            f"{self.stopper.patience} evaluations")
+            self.stopped = StopReason.EARLY_STOP
+            self.stop_detail = (f"early stopping: no {self.monitor} improvement for "
+                                f"{self.stopper.patience} evaluations")
 
     def state(self) -> dict:
         return {"plateau": self.plateau.state(), "early_stopping": self.stopper.state(),
-                "stopped": self.stopped}
+                "stopped": self.stopped.value if self.stopped else None, "stop_detail": self.stop_detail}
 
     def restore(self, state: dict) -> None:
         self.plateau.restore(state["plateau"])
         self.stopper.restore(state["early_stopping"])
-        self.stopped = state["stopped"]
+        if "stop_detail" in state:
+            self.stopped = StopReason(state["stopped"]) if state["stopped"] else None
+            self.stop_detail = state["stop_detail"]
+        else:  # saved before the reason was typed: "stopped" held early stopping's sentence, or None
+            self.stopped = StopReason.EARLY_STOP if state["stopped"] else None
+            self.stop_detail = state["stopped"] or ""
 
 
 class EpochReport:
@@ -166,6 +174,11 @@ class Overlays:
         self.images = None if small is None else np.round(small * 255.0).astype(np.uint8)
         self.masks = (None if small is None else
                       pipeline.resize_masks(data.masks[picked], image_size).numpy()[..., 0])
+
+    @property
+    def traces(self) -> int:
+        """Python traces of the overlays' compiled predictor (one per run)."""
+        return self.predictor.traces
 
     def __call__(self, end: EpochEnd) -> None:
         if self.images is None or not itstime(end.epoch, self.every, self.epochs):

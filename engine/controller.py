@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import enum
 import signal
 from typing import Callable, Protocol
 
@@ -25,6 +26,26 @@ class EpochEnd:
     step: int
     train: dict  # the trainer's epoch metrics (loss, dice, iou, skipped_steps, steps, seconds)
     val: dict  # {"val_loss": ...}, or {} when the epoch was not evaluated
+
+
+class StopReason(enum.Enum):
+    """Why training ended, and the exit code the command ends with."""
+
+    FINISHED = "finished"  # the last step
+    EARLY_STOP = "early stop"  # the monitored metric stopped improving
+    SIGTERM = "SIGTERM"
+    SIGINT = "SIGINT"
+
+    @property
+    def interrupted(self) -> bool:
+        """A signal ended the run before its last step: it saved a checkpoint and resumes."""
+        return self in (StopReason.SIGTERM, StopReason.SIGINT)
+
+    @property
+    def exit_code(self) -> int:
+        """0 for a run that ended; 128 + the signal's number for an interrupted one, as a shell
+        reports a process the signal ended (130 for SIGINT, 143 for SIGTERM)."""
+        return {StopReason.SIGINT: 130, StopReason.SIGTERM: 143}.get(self, 0)
 
 
 class StopRequest:
@@ -83,7 +104,7 @@ class Controller:
       train_actions: (step, the logging window so far) after every train call.
       log_actions: (step, the closed logging window) every log_every steps.
       eval_actions: (EpochEnd) at every epoch end, before the save.
-      stop_reason: why training should end early (early stopping), or None.
+      stop_reason: why training should end early (StopReason.EARLY_STOP), or None.
       agree_stop: True on every worker if it is True on any (one process: itself).
     """
 
@@ -98,11 +119,11 @@ class Controller:
     train_actions: list = dataclasses.field(default_factory=list)
     log_actions: list = dataclasses.field(default_factory=list)
     eval_actions: list = dataclasses.field(default_factory=list)
-    stop_reason: Callable[[], str | None] = lambda: None
+    stop_reason: Callable[[], StopReason | None] = lambda: None
     agree_stop: Callable[[bool], bool] = lambda stop: stop
 
-    def run(self, stop: StopRequest) -> str | None:
-        """Trains until the last step, early stopping or a signal; returns the signal's name, if any.
+    def run(self, stop: StopRequest) -> StopReason | None:
+        """Trains until the last step, early stopping or a signal; returns the signal's reason, if any.
 
         On a signal to any worker, every worker saves at the same step and returns.
         """
@@ -125,7 +146,8 @@ class Controller:
             elif stopping or itstime(step, self.checkpoint_every):
                 self.save(step, {})
             if stopping:
-                return stop.signal_name or "SIGTERM"  # SIGTERM: another worker was preempted
+                # SIGTERM when another worker got the signal: it was preempted.
+                return StopReason(stop.signal_name or "SIGTERM")
         return None
 
     def _end_epoch(self, step: int, epoch: int) -> None:

@@ -17,9 +17,6 @@ from engine.config import ConfigError  # noqa: E402
 
 engine_flags.define_flags()
 FLAGS = flags.FLAGS
-# Exit codes of a training interrupted by a signal: 128 + the signal's number, as a shell reports
-# a process the signal ended. The run saved a checkpoint and resumes with the same command.
-INTERRUPTED = {"SIGINT": 130, "SIGTERM": 143}
 
 
 def setup_logging() -> None:
@@ -95,12 +92,12 @@ def run(config) -> int:
     try:
         if config.mode == "train":
             from engine import train
-            stopped = train.run(config, rt)["stopped"]
-            if stopped in INTERRUPTED:
-                print(f"error: interrupted by {stopped} before the last step; the checkpoint is "
-                      f"saved: run the same command to resume (exit code {INTERRUPTED[stopped]})",
+            stop = train.run(config, rt).stop
+            if stop.interrupted:  # the run saved a checkpoint and resumes with the same command
+                print(f"error: interrupted by {stop.value} before the last step; the checkpoint is "
+                      f"saved: run the same command to resume (exit code {stop.exit_code})",
                       file=sys.stderr, flush=True)
-                return INTERRUPTED[stopped]
+            return stop.exit_code
         elif config.mode == "evaluate":
             from engine import evaluate
             evaluate.run(config)

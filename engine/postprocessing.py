@@ -58,7 +58,7 @@ def _held_out_volumes(config: Config, run_dir: str, held_out: list[tuple[str, Lg
 
 
 def record(config: Config, run: RunDir, held_out: list[tuple[str, LggDataset]], *,
-           members: list[str]) -> dict:
+           members: list[str]) -> InferenceSpec:
     """Chooses the post-processing on the held-out patients (if any) and writes inference.json.
 
     Args:
@@ -68,7 +68,7 @@ def record(config: Config, run: RunDir, held_out: list[tuple[str, LggDataset]], 
       members: every member file, relative to the run.
 
     Returns:
-      The recorded spec, as inference.json holds it.
+      The recorded spec.
     """
     spec = spec_for(config, members=members)
     patients = sum(len(d.patients) for _, d in held_out)
@@ -84,4 +84,4 @@ def record(config: Config, run: RunDir, held_out: list[tuple[str, LggDataset]], 
                                                "patients": patients})
     run.write_json(INFERENCE_FILE, spec.to_json())
     log.info(f"Recorded the inference in {run.file(INFERENCE_FILE)}: {len(members)} member(s)")
-    return spec.to_json()
+    return spec

@@ -17,10 +17,12 @@ from data import pipeline
 from data.lgg import DataError
 from engine import actions, inputs, postprocessing
 from engine import state as state_lib
+from engine import steps as steps_lib
 from engine.checkpoint import CheckpointError, CheckpointManager, find_checkpoint, restore
 from engine.cluster import Cluster
 from engine.config import HPARAM_FIELDS, LOCAL_FIELDS, Config, ConfigError
-from engine.controller import Controller, StopRequest
+from engine.controller import Controller, StopReason, StopRequest
+from engine.inference_spec import InferenceSpec
 from engine.policies import EarlyStopping, ReduceLROnPlateau
 from engine.rundir import EVENTS, FINAL_MODEL, MEMBERS, RunDir, RunDirError
 from engine.runtime import Runtime
@@ -31,7 +33,36 @@ from engine.trainer import Trainer
 log = logging.getLogger(__name__)
 
 
-def run(config: Config, runtime: Runtime) -> dict:
+@dataclasses.dataclass(frozen=True)
+class TrainResult:
+    """What training came to.
+
+    Attributes:
+      stop: why it ended (finished, an early stop, or the signal that interrupted it).
+      step, epoch: where it ended.
+      restored: it resumed from a checkpoint.
+      traces: Python traces of each compiled function ("train", "eval", "predict").
+      iterators: training-data iterators made (one for the whole run).
+      stop_detail: the early stop's sentence, for the log.
+      final_model, best, best_metrics: the model written, and the best checkpoint's name and
+        metrics (a run that ended, not an interrupted one).
+      inference: the inference recorded for the run (its inference.json), once it is.
+    """
+
+    stop: StopReason
+    step: int
+    epoch: int
+    restored: bool
+    traces: dict[str, int]
+    iterators: int
+    stop_detail: str = ""
+    final_model: str | None = None
+    best: str | None = None
+    best_metrics: dict = dataclasses.field(default_factory=dict)
+    inference: InferenceSpec | None = None
+
+
+def run(config: Config, runtime: Runtime) -> TrainResult:
     """Trains the run's members and records the inference evaluate, predict and export apply.
 
     With --ensemble=K (K >= 2) the patients outside the test split are cut into K folds (by
@@ -41,7 +72,7 @@ def run(config: Config, runtime: Runtime) -> dict:
     one model, its validation patients choose it, if there are any.
 
     Returns:
-      The last member's training summary, with "inference" (the recorded spec) when it finished.
+      The last member's result, with the recorded inference when training ended.
     """
     cluster = Cluster(runtime.strategy, num_workers=runtime.num_workers, worker_index=runtime.worker_index)
     # From the start, so that a signal while the data loads still ends in a save, not a kill.
@@ -52,14 +83,15 @@ def run(config: Config, runtime: Runtime) -> dict:
             if run_dir.read_split() is None:
                 inputs.write_split(run_dir, config, data.split)
             if config.ensemble < 2:
-                summary = train_model(config, runtime, run_dir, cluster, stop, data)
+                result = train_model(config, runtime, run_dir, cluster, stop, data)
                 val = data.part("val")
                 held_out, members = ([(FINAL_MODEL, val)] if val.records else []), [FINAL_MODEL]
             else:
-                summary, held_out, members = _train_members(config, runtime, run_dir, cluster, stop, data)
-            if summary["stopped"] in ("SIGTERM", "SIGINT") or not runtime.is_chief:
-                return summary
-            return {**summary, "inference": postprocessing.record(config, run_dir, held_out, members=members)}
+                result, held_out, members = _train_members(config, runtime, run_dir, cluster, stop, data)
+            if result.stop.interrupted or not runtime.is_chief:
+                return result
+            return dataclasses.replace(
+                result, inference=postprocessing.record(config, run_dir, held_out, members=members))
 
 
 def _before_writing(config: Config, runtime: Runtime) -> inputs.SplitData:
@@ -113,8 +145,8 @@ def _open(config: Config, runtime: Runtime, cluster: Cluster) -> RunDir:
 
 def _train_members(config: Config, runtime: Runtime, top: RunDir, cluster: Cluster, stop: StopRequest,
                    data: inputs.SplitData):
-    """Trains the K fold members; returns the last summary, the held-out folds and the members."""
-    members, held_out, summary = [], [], {}
+    """Trains the K fold members; returns the last result, the held-out folds and the members."""
+    members, held_out, result = [], [], None
     for k, fold in enumerate(member_folds(data.split["train"] + data.split["val"], config.ensemble,
                                           seed=config.seed)):
         split = {"train": sorted(set(data.split["train"] + data.split["val"]) - set(fold)), "val": fold,
@@ -126,12 +158,12 @@ def _train_members(config: Config, runtime: Runtime, top: RunDir, cluster: Clust
         with _open(member_config, runtime, cluster) as member:
             member_data = cluster.together("read the member's split",
                                            lambda: _member_data(member_config, member, data, split, k))
-            summary = train_model(member_config, runtime, member, cluster, stop, member_data)
-        if summary["stopped"] in ("SIGTERM", "SIGINT"):
+            result = train_model(member_config, runtime, member, cluster, stop, member_data)
+        if result.stop.interrupted:
             break
         members.append(os.path.join(MEMBERS, str(k), FINAL_MODEL))
         held_out.append((members[-1], data.dataset.subset(fold)))
-    return summary, held_out, members
+    return result, held_out, members
 
 
 def _member_data(config: Config, run: RunDir, data: inputs.SplitData, split: dict, k: int) -> inputs.SplitData:
@@ -149,7 +181,7 @@ def member_folds(patients: list[str], k: int, *, seed: int) -> list[list[str]]:
 
 
 def train_model(config: Config, runtime: Runtime, run_dir: RunDir, cluster: Cluster, stop: StopRequest,
-                data: inputs.SplitData) -> dict:
+                data: inputs.SplitData) -> TrainResult:
     """Trains one model to --epochs or an early stop, resuming from its run directory if it can.
 
     Args:
@@ -161,8 +193,7 @@ def train_model(config: Config, runtime: Runtime, run_dir: RunDir, cluster: Clus
       data: the dataset and the run's split (recorded in its split.json).
 
     Returns:
-      A summary: final step, epoch, best metric, why training ended ("finished", an
-      early-stopping reason, or the name of the signal that interrupted it), and the data.
+      Why training ended, where, and (unless a signal interrupted it) the model it wrote.
 
     Raises:
       RunDirError, DataError, CheckpointError: a user-facing problem, named.
@@ -173,22 +204,23 @@ def train_model(config: Config, runtime: Runtime, run_dir: RunDir, cluster: Clus
     wired = _wire(config, runtime, run_dir, data, state, cluster)
     restored = _restore(config, runtime, run_dir, cluster, state, wired)
     try:
-        signal_name = wired.controller.run(stop)
+        interrupted = wired.controller.run(stop)
     finally:
         if not runtime.is_chief:  # its copies of the checkpoints were only there to take part
-            shutil.rmtree(wired.checkpointer.manager.directory, ignore_errors=True)
+            shutil.rmtree(wired.manager.directory, ignore_errors=True)
     step, per_epoch = wired.trainer.step, wired.trainer.steps_per_epoch
-    summary = {"step": step, "epoch": step // per_epoch, "restored": restored is not None,
-               "traces": {**wired.steps.traces, "predict": wired.overlays.predictor.traces},
-               "iterators": wired.trainer.iterators}
-    if signal_name:
+    where = dict(step=step, epoch=step // per_epoch, restored=restored is not None, traces=wired.traces,
+                 iterators=wired.trainer.iterators)
+    if interrupted is not None:
         wired.writer.close()
         log.info(f"{stop.signal_name or 'A signal to another worker'} received: saved a checkpoint at "
                  f"step {step} ({_where(step, per_epoch)}); exiting. Run the same command to resume.")
-        return {**summary, "stopped": signal_name}
-    summary.update(finish(config, state, wired, run_dir), stopped=wired.policies.stopped or "finished")
-    log.info(f"Training ended ({summary['stopped']}) at step {step}, epoch {step // per_epoch}.")
-    return summary
+        return TrainResult(stop=interrupted, **where)
+    result = TrainResult(stop=wired.policies.stopped or StopReason.FINISHED, stop_detail=wired.policies.stop_detail,
+                         **where, **finish(config, state, wired, run_dir))
+    log.info(f"Training ended ({result.stop_detail or result.stop.value}) at step {step}, "
+             f"epoch {step // per_epoch}.")
+    return result
 
 
 def _where(step: int, per_epoch: int) -> str:
@@ -200,14 +232,20 @@ def _where(step: int, per_epoch: int) -> str:
 class Wired:
     """The pieces of one model's training, as _wire connects them."""
 
-    steps: object
+    steps: steps_lib.Steps
     trainer: Trainer
     schedule: Schedule
     policies: actions.Policies
+    manager: CheckpointManager  # this process's checkpoints (a non-chief's go to scratch)
     checkpointer: actions.Checkpointer
     overlays: actions.Overlays
     writer: SummaryWriter
     controller: Controller
+
+    @property
+    def traces(self) -> dict[str, int]:
+        """Python traces so far of each compiled function: the train and eval steps, the overlays'."""
+        return {**self.steps.traces, "predict": self.overlays.traces}
 
 
 def _wire(config: Config, runtime: Runtime, run: RunDir, data: inputs.SplitData,
@@ -261,7 +299,7 @@ def _wire(config: Config, runtime: Runtime, run: RunDir, data: inputs.SplitData,
                                           loss_scale=lambda: state.loss_scale)],
         eval_actions=[progress.end, policies, report, actions.ValScalars(writer), overlays],
         stop_reason=lambda: policies.stopped, agree_stop=cluster.any)
-    return Wired(steps, trainer, schedule, policies, checkpointer, overlays, writer, controller)
+    return Wired(steps, trainer, schedule, policies, manager, checkpointer, overlays, writer, controller)
 
 
 def _restore(config: Config, runtime: Runtime, run: RunDir, cluster: Cluster,
@@ -299,7 +337,7 @@ def _restore(config: Config, runtime: Runtime, run: RunDir, cluster: Cluster,
 
 def finish(config: Config, state: state_lib.TrainState, wired: Wired, run: RunDir) -> dict:
     """Restores the best weights if asked, writes the final model and the hparams summary."""
-    best = wired.checkpointer.manager.best()
+    best = wired.manager.best()
     if config.restore_best_weights and best is not None:
         restore(tf.train.Checkpoint(model=state.model), best, partial=True)
         log.info(f"Restored the best weights: {best.name} ({config.monitor} "

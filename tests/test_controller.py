@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import sys
 
-from engine.controller import Controller, EpochEnd, StopRequest, itstime, steps_to_next
+from engine.controller import Controller, EpochEnd, StopReason, StopRequest, itstime, steps_to_next
 
 
 class FakeTrainer:
@@ -41,7 +41,7 @@ def _controller(trainer, events, **overrides):
         train_actions=[lambda step, window: events.append(("train", step))],
         log_actions=[lambda step, window: events.append(("log", step, window["steps"]))],
         eval_actions=[lambda end: events.append(("epoch", end.epoch, end.step, end.train["steps"], end.val))],
-        stop_reason=lambda: ("early" if stop_after and any(e[0] == "epoch" and e[1] >= stop_after
+        stop_reason=lambda: (StopReason.EARLY_STOP if stop_after and any(e[0] == "epoch" and e[1] >= stop_after
                                                             for e in events) else None))
     values.update(overrides)
     return Controller(**values)
@@ -100,8 +100,25 @@ def test_a_signal_saves_at_the_next_step_and_ends_with_its_name():
         return window
 
     trainer.train = train_until_a_signal
-    assert _controller(trainer, events, log_every=0, steps_per_execution=2).run(stop) == "SIGTERM"
+    assert _controller(trainer, events, log_every=0, steps_per_execution=2).run(stop) is StopReason.SIGTERM
     assert trainer.step == 4 and _of(events, "save") == [(4, False)] and not _of(events, "epoch")
+
+
+def test_sigint_ends_with_its_own_reason_and_the_shells_exit_codes():
+    trainer, events = FakeTrainer(steps_per_epoch=7), []
+    stop, train = StopRequest(), trainer.train
+
+    def train_until_ctrl_c(num_steps):
+        window = train(num_steps)
+        stop.signal_name = "SIGINT"
+        return window
+
+    trainer.train = train_until_ctrl_c
+    assert _controller(trainer, events, log_every=0).run(stop) is StopReason.SIGINT
+    # What the README documents: 128 + the signal's number for a run that resumes, 0 otherwise.
+    assert {r: (r.exit_code, r.interrupted) for r in StopReason} == {
+        StopReason.FINISHED: (0, False), StopReason.EARLY_STOP: (0, False),
+        StopReason.SIGINT: (130, True), StopReason.SIGTERM: (143, True)}
 
 
 def test_a_signal_to_another_worker_stops_this_one_too():
@@ -109,7 +126,7 @@ def test_a_signal_to_another_worker_stops_this_one_too():
     agreed = iter([False, True])
     controller = _controller(trainer, events, log_every=0, steps_per_execution=4,
                              agree_stop=lambda mine: next(agreed))
-    assert controller.run(StopRequest()) == "SIGTERM"  # this worker got no signal itself
+    assert controller.run(StopRequest()) is StopReason.SIGTERM  # this worker got no signal itself
     assert trainer.step == 7 and _of(events, "save") == [(7, False)]  # the epoch end's save only
 
 

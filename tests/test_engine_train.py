@@ -28,7 +28,7 @@ def test_runs_the_requested_steps_and_writes_the_run_directory(trained):
     history = read_history(config.run_dir)
     assert [h["epoch"] for h in history] == [1, 2, 3]
     steps_per_epoch = history[0]["step"]
-    assert steps_per_epoch > 0 and summary["step"] == 3 * steps_per_epoch
+    assert steps_per_epoch > 0 and summary.step == 3 * steps_per_epoch
     for key in ("loss", "dice", "iou", "val_loss", "val_dice", "val_iou", "learning_rate",
                 "wall_time", "step"):
         assert key in history[-1] and np.isfinite(history[-1][key])
@@ -48,14 +48,14 @@ def test_loss_falls(trained):
 
 def test_each_compiled_function_traces_once(trained):
     _, summary = trained
-    assert summary["traces"] == {"train": 1, "eval": 1, "predict": 1}
+    assert summary.traces == {"train": 1, "eval": 1, "predict": 1}
 
 
 def test_the_training_data_is_one_iterator_for_the_whole_run(trained):
     # A new iterator per epoch cost seconds at each epoch end: destroying one waits for its
     # tf.data autotuning thread.
     _, summary = trained
-    assert summary["iterators"] == 1
+    assert summary.iterators == 1
 
 
 def test_every_evaluation_reads_each_validation_slice_once(monkeypatch):

@@ -297,3 +297,49 @@ def test_bad_arguments_are_rejected_by_name(cls, args, arg):
 ])
 def test_monitor_mode(monitor, mode):
     assert dataclasses.replace(Config(), monitor=monitor).monitor_mode == mode
+
+
+def _policies():
+    from engine.actions import Policies
+    from engine.schedule import Schedule
+
+    return Policies(monitor="val_loss", plateau=policies.ReduceLROnPlateau(mode="min", factor=0.5, patience=5),
+                    stopper=policies.EarlyStopping(mode="min", patience=1),
+                    schedule=Schedule(base_lr=LR0, warmup_steps=0, total_steps=10, min_lr=0.0, cosine=False))
+
+
+def _feed(policy, values):
+    from engine.controller import EpochEnd
+
+    for epoch, value in enumerate(values, 1):
+        policy(EpochEnd(epoch=epoch, step=epoch, train={}, val={"val_loss": value}))
+        if policy.stopped is not None:
+            return epoch
+
+
+SENTENCE = "early stopping: no val_loss improvement for 1 evaluations"
+
+
+def test_early_stopping_gives_a_typed_reason_and_keeps_its_sentence_for_the_log():
+    from engine.controller import StopReason
+
+    policy = _policies()
+    assert _feed(policy, [1.0, 0.5, 0.6, 0.7]) == 3
+    assert policy.stopped is StopReason.EARLY_STOP and policy.stop_detail == SENTENCE
+    restored = _policies()
+    restored.restore(json.loads(json.dumps(policy.state(), allow_nan=False)))
+    assert (restored.stopped, restored.stop_detail) == (StopReason.EARLY_STOP, SENTENCE)
+    assert restored.state() == policy.state()
+
+
+@pytest.mark.parametrize("stored, reason", [(SENTENCE, "EARLY_STOP"), (None, None)])
+def test_a_checkpoint_that_stored_the_sentence_restores_a_typed_reason(stored, reason):
+    # Checkpoints written before the reason was typed held early stopping's sentence, or None.
+    from engine.controller import StopReason
+
+    policy = _policies()
+    state = policy.state()
+    del state["stop_detail"]
+    policy.restore({**state, "stopped": stored})
+    assert policy.stopped is (reason and StopReason[reason]) and policy.stop_detail == (stored or "")
+    assert policy.state()["stopped"] == (reason and StopReason[reason].value)
