@@ -56,6 +56,12 @@ class LggDataset:
             raise DataError(f"patients not in the dataset: {', '.join(unknown)}")
         return np.array([i for i, r in enumerate(self.records) if r.patient in wanted], np.int64)
 
+    @functools.cached_property
+    def patient_slices(self) -> dict[str, np.ndarray]:
+        """Each patient's slice indices, in slice order: the volumes that evaluation, the
+        post-processing and per-volume inputs work on."""
+        return {p: self.indices_of([p]) for p in self.patients}
+
     def subset(self, patients: Iterable[str]) -> "LggDataset":
         """A new LggDataset with only the given patients' slices (arrays are copied)."""
         idx = self.indices_of(patients)

@@ -9,6 +9,7 @@ import numpy as np
 import tensorflow as tf
 
 from data.dataset import class_problem
+from data.lgg import DataError
 
 
 @dataclasses.dataclass(frozen=True)
@@ -104,6 +105,19 @@ def train_batches_per_epoch(num_slices: int, batch_size: int) -> int:
     if num_slices < 0 or batch_size < 1:
         raise ValueError(f"need num_slices >= 0 and batch_size >= 1, got {num_slices}, {batch_size}")
     return num_slices // batch_size
+
+
+def steps_per_epoch(num_slices: int, global_batch: int, *, what: str) -> int:
+    """Training steps in one epoch of `what`'s slices, refusing a set smaller than one batch.
+
+    Raises:
+      DataError: fewer slices than one global batch; the message names `what` and the fix.
+    """
+    steps = train_batches_per_epoch(num_slices, global_batch)
+    if steps == 0:
+        raise DataError(f"{what} has {num_slices} slices, fewer than one global batch of "
+                        f"{global_batch}; lower --batch_size or add patients")
+    return steps
 
 
 def _epoch_order(positive, num_slices: int, *, seed: int, epoch: int, positive_fraction: float) -> np.ndarray:

@@ -5,6 +5,8 @@ from __future__ import annotations
 import numpy as np
 import tensorflow as tf
 
+from data.dataset import LggDataset
+
 NORMALIZE = ("none", "volume")
 # Where each channel's 99th percentile lands after standardisation, on the 0..255 scale: high enough
 # to keep a dark volume's detail, low enough that lesions brighter than it are rarely clipped.
@@ -61,13 +63,11 @@ def standardise(volume: tf.Tensor) -> tf.Tensor:
     return tf.cast(tf.clip_by_value(scaled, 0.0, 255.0), tf.uint8)
 
 
-def prepare(images: np.ndarray, patients, *, normalize: str, neighbours: int) -> np.ndarray:
-    """model_inputs for every patient of a slice stack ordered by patient, then slice number."""
+def prepare(dataset: LggDataset, *, normalize: str, neighbours: int) -> np.ndarray:
+    """model_inputs for every patient of a dataset, volume by volume: uint8 [N, H, W, channels]."""
     if normalize == "none" and neighbours == 0:
-        return images
-    names = np.asarray(patients)
-    out = np.empty(images.shape[:3] + (channels(neighbours),), np.uint8)
-    for patient in dict.fromkeys(names.tolist()):
-        idx = np.flatnonzero(names == patient)
-        out[idx] = model_inputs(images[idx], normalize=normalize, neighbours=neighbours).numpy()
+        return dataset.images
+    out = np.empty(dataset.images.shape[:3] + (channels(neighbours),), np.uint8)
+    for idx in dataset.patient_slices.values():
+        out[idx] = model_inputs(dataset.images[idx], normalize=normalize, neighbours=neighbours).numpy()
     return out

@@ -190,10 +190,7 @@ def pipeline_datasets(config: Config, runtime: Runtime, eval_batch: int) -> tupl
     from data import pipeline
 
     data = inputs.model_data(inputs.load_dataset(config), config)  # standardised, with neighbours
-    if pipeline.train_batches_per_epoch(len(data.records), runtime.global_batch) == 0:
-        from data.lgg import DataError
-        raise DataError(f"{config.data_dir} has {len(data.records)} slices, fewer than one global "
-                        f"batch of {runtime.global_batch}; lower --batch_size or add patients")
+    pipeline.steps_per_epoch(len(data.records), runtime.global_batch, what=config.data_dir)
     augment = config.augmentation
 
     def train_ds() -> tf.data.Dataset:

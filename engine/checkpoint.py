@@ -442,10 +442,13 @@ def _json_round_trip(value, what: str):
 def _hash_file(path: str, *, fsync: bool = False) -> dict:
     """Size and sha256 of a file, streamed; optionally fsyncs it through the same descriptor."""
     with open(path, "rb") as f:
-        digest = hashlib.file_digest(f, "sha256").hexdigest()
+        digest = hashlib.sha256()
+        # hashlib.file_digest would do this, but needs Python 3.11; pyproject allows 3.10.
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            digest.update(chunk)
         if fsync:
             os.fsync(f.fileno())
-        return {"size": os.fstat(f.fileno()).st_size, "sha256": digest}
+        return {"size": os.fstat(f.fileno()).st_size, "sha256": digest.hexdigest()}
 
 
 def _write_json(path: str, payload) -> None:

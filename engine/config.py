@@ -167,18 +167,20 @@ class Config:
                            "out choose the post-processing (0 or 1: one model).", _at_least(0, 20),
                            identity=True)
     # Optimisation.
-    epochs: int = _field(150, "Epochs to train.", _at_least(1, 100000), hparam=True)
+    epochs: int = _field(150, "Training length, in epochs (an epoch: the training split's slices in "
+                         "full global batches, the remainder dropped).", _at_least(1, 100000), hparam=True)
     batch_size: int = _field(16, "Batch size per replica; the global batch is this times the replicas "
                              "(a run's step clock counts its batches, so a run resumes only with its own).",
                              _at_least(1, 4096), identity=True)
     learning_rate: float = _field(1e-4, "Adam learning rate.", _between(0.0, 10.0), hparam=True)
-    warmup_epochs: float = _field(0.0, "Linear learning-rate warm-up over this many epochs (0 disables).",
+    warmup_epochs: float = _field(0.0, "Linear learning-rate warm-up, in epochs (fractions allowed; "
+                                  "turned into steps once; 0 disables).",
                                   _at_least(0.0, 100000.0), hparam=True)
     lr_schedule: str = _field("plateau", "After the warm-up: plateau (--learning_rate, lowered by the "
                               "plateau policy) or cosine (down to --min_lr at the last step; the "
                               "plateau policy is off).", _one_of(LR_SCHEDULES), hparam=True)
-    steps_per_execution: int = _field(1, "Training steps run inside one tf.function call (cuts host "
-                                      "overhead).", _at_least(1, 100000))
+    steps_per_execution: int = _field(1, "Training steps (batches) run inside one tf.function call "
+                                      "(cuts host overhead).", _at_least(1, 100000))
     dice_smooth: float = _field(1.0, "Smoothing term of the soft Dice loss.", NON_NEGATIVE_FLOAT, hparam=True)
     bce_weight: float = _field(1.0, "Weight of binary cross-entropy in the loss.", NON_NEGATIVE_FLOAT, hparam=True)
     dice_weight: float = _field(1.0, "Weight of (1 - soft Dice) in the loss.", NON_NEGATIVE_FLOAT, hparam=True)
@@ -219,11 +221,14 @@ class Config:
     # Run directory, logging, evaluation.
     model_dir: str = _field("", "Run directory ('' = logs/<run_name>).", _utf8, local=True)
     run_name: str = _field("default", "Name of the run directory under logs/.", _run_name, local=True)
-    eval_every: int = _field(1, "Evaluate on the validation split every this many epochs.", POSITIVE)
+    eval_every: int = _field(1, "Evaluate on the validation split every this many epochs (and "
+                             "after the last one).", POSITIVE)
     eval_batch_size: int = _field(0, "Evaluation batch size per replica (0 = --batch_size).",
                                   _at_least(0, 4096))
-    log_every: int = _field(50, "Write train/ scalars every this many steps.", POSITIVE)
-    overlay_every: int = _field(1, "Write validation overlay images every this many epochs.", POSITIVE)
+    log_every: int = _field(50, "Write train/ scalars every this many steps (global batches), not "
+                            "epochs.", POSITIVE)
+    overlay_every: int = _field(1, "Write validation overlay images every this many epochs (and "
+                                "after the last one).", POSITIVE)
     num_overlays: int = _field(8, "Number of fixed validation slices in the overlays (half with "
                                "lesions).", _at_least(0, 64))
     progress: bool = _field(True, "Show a progress bar on a terminal.", local=True)
@@ -238,13 +243,14 @@ class Config:
     overwrite: bool = _field(False, "Start afresh in a run directory that holds another run.")
     plateau_factor: float = _field(0.1, "Learning-rate factor on a plateau.", _open_unit)
     plateau_patience: int = _field(5, "Evaluations without improvement before the learning rate "
-                                   "drops.", NON_NEGATIVE)
+                                   "drops (an evaluation: every --eval_every epochs).", NON_NEGATIVE)
     plateau_min_delta: float = _field(1e-4, "Smallest change that counts as an improvement for the "
                                       "plateau policy.", NON_NEGATIVE_FLOAT)
-    plateau_cooldown: int = _field(0, "Evaluations to wait after a drop before counting again.",
-                                   NON_NEGATIVE)
+    plateau_cooldown: int = _field(0, "Evaluations (every --eval_every epochs) to wait after a drop "
+                                   "before counting again.", NON_NEGATIVE)
     min_lr: float = _field(1e-11, "Lower bound of the learning rate.", NON_NEGATIVE_FLOAT, hparam=True)
-    early_stopping_patience: int = _field(15, "Evaluations without improvement before training stops.",
+    early_stopping_patience: int = _field(15, "Evaluations without improvement before training stops (an "
+                                          "evaluation: every --eval_every epochs).",
                                           NON_NEGATIVE)
     early_stopping_min_delta: float = _field(0.0, "Smallest change that counts as an improvement for "
                                              "early stopping.", NON_NEGATIVE_FLOAT)
@@ -272,8 +278,10 @@ class Config:
     # Benchmark.
     benchmark_data: str = _field("synthetic", f"One of {', '.join(BENCHMARK_DATA)}: device-resident "
                                  "random batches or the real input pipeline.", _one_of(BENCHMARK_DATA))
-    benchmark_warmup: int = _field(5, "Untimed steps before timing.", _at_least(0, 100000))
-    benchmark_steps: int = _field(20, "Timed steps.", _at_least(1, 100000))
+    benchmark_warmup: int = _field(5, "Untimed steps (batches) before timing, in whole calls of "
+                                   "--steps_per_execution steps.", _at_least(0, 100000))
+    benchmark_steps: int = _field(20, "Timed steps (batches), in whole calls of --steps_per_execution "
+                                  "steps.", _at_least(1, 100000))
     benchmark_compare_fit: bool = _field(False, "Also time Keras compile()/fit() on the same batches and "
                                          "report the ratio.")
     benchmark_compare_precision: bool = _field(False, "Also time the other precision of this device "

@@ -36,16 +36,10 @@ SUMMARISED = ("dice", "iou", "hd95", "assd", "surface_dice", "lesion_f1", "posit
               "true_volume", "predicted_volume")
 
 
-def patient_slices(dataset: LggDataset) -> dict[str, np.ndarray]:
-    """Each patient's slice indices, in slice order (records are sorted by patient, then slice)."""
-    names = np.array([r.patient for r in dataset.records])
-    return {p: np.flatnonzero(names == p) for p in dataset.patients}
-
-
 def predict_patients(segmenter: Segmenter, dataset: LggDataset, *, batch_size: int) -> np.ndarray:
     """The run's final masks of every slice, at its original size, patient by patient: bool [N, H, W]."""
     pred = np.empty(dataset.masks.shape, bool)
-    patients = list(patient_slices(dataset).values())
+    patients = list(dataset.patient_slices.values())
     for group in groups([len(idx) for idx in patients]):
         masks = segmenter.segment_volumes([dataset.images[patients[i]] for i in group], batch_size=batch_size)
         for i, m in zip(group, masks):
@@ -75,7 +69,7 @@ def score(dataset: LggDataset, predictions: np.ndarray, *, tolerance: float = 2.
     if pred.shape != target.shape:
         raise ValueError(f"predictions have shape {pred.shape}, masks {target.shape}")
     rows = []
-    for patient, idx in patient_slices(dataset).items():
+    for patient, idx in dataset.patient_slices.items():
         rows.append({"patient": patient, "institution": dataset.records[idx[0]].institution,
                      "slices": len(idx), **metrics.patient_metrics(pred[idx], target[idx], tolerance=tolerance)})
     dice, iou = losses.dice_iou({"intersection": int((pred & target).sum()), "predicted": int(pred.sum()),
@@ -160,7 +154,7 @@ def _data(config: Config, run: RunDir) -> LggDataset:
 def _best_and_worst(segmenter: Segmenter, subset: LggDataset, predictions: np.ndarray, rows: list[dict],
                     run_dir: RunDir, name: str, batch_size: int) -> dict:
     """The overlay grids of the best and the worst patient, written as eval_<split>_<which>_patient.png."""
-    indices = patient_slices(subset)
+    indices = subset.patient_slices
     ranked = sorted(rows, key=lambda r: (-r["dice"], r["patient"]))
     figures = {}
     for which, row in (("best", ranked[0]), ("worst", ranked[-1])):

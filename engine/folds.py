@@ -10,6 +10,8 @@ import sys
 
 import numpy as np
 
+from models import metrics
+
 # Columns read from per_patient_<split>.csv (engine.evaluate.CSV_FIELDS; not imported, so this
 # tool does not load TensorFlow).
 PATIENT, DICE = "patient", "dice"
@@ -83,22 +85,6 @@ def read_runs(run_dirs: list[str], split: str = "test") -> dict[str, dict[str, d
     return runs
 
 
-def _interval(values, resamples: int = 2000, seed: int = 0) -> tuple[float, float]:
-    values = np.asarray([v for v in values if not math.isnan(v)], float)
-    if len(values) < 2:
-        return math.nan, math.nan
-    means = values[np.random.default_rng(seed).integers(0, len(values), (resamples, len(values)))].mean(1)
-    lo, hi = np.percentile(means, [2.5, 97.5])
-    return float(lo), float(hi)
-
-
-def _stats(values) -> dict:
-    clean = [v for v in values if not math.isnan(v)]
-    lo, hi = _interval(clean)
-    return {"n": len(clean), "mean": float(np.mean(clean)) if clean else math.nan,
-            "median": float(np.median(clean)) if clean else math.nan, "ci_low": lo, "ci_high": hi}
-
-
 def summarize(runs: dict[str, dict[str, dict]]) -> dict:
     """Every patient's figures (averaged over the cuts that scored it), then their mean, median,
     95% bootstrap interval over patients, per institution, per cut and per run."""
@@ -119,11 +105,11 @@ def summarize(runs: dict[str, dict[str, dict]]) -> dict:
         cuts.setdefault(_cut(run), []).extend(r[DICE] for r in scores.values())
     worst = sorted((d, p) for p, d in dice.items())[:WORST]
     return {
-        "patients": len(dice), **_stats(list(dice.values())),
-        "metrics": {k: _stats([m[k] for m in patient_mean.values()]) for k in EXTRA
+        "patients": len(dice), **metrics.summarize(list(dice.values())),
+        "metrics": {k: metrics.summarize([m[k] for m in patient_mean.values()]) for k in EXTRA
                     if any(not math.isnan(m[k]) for m in patient_mean.values())},
-        "institutions": {i: _stats(v) for i, v in sorted(institutions.items())},
-        "cuts": {c: _stats(v) for c, v in cuts.items()},
+        "institutions": {i: metrics.summarize(v) for i, v in sorted(institutions.items())},
+        "cuts": {c: metrics.summarize(v) for c, v in cuts.items()},
         "worst": [(p, d, ", ".join(r for r, s in runs.items() if p in s)) for d, p in worst],
         "per_run": [(run, len(s), float(np.mean([r[DICE] for r in s.values()])) if s else math.nan)
                     for run, s in runs.items()],

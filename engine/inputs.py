@@ -98,6 +98,5 @@ def write_split(run: RunDir, config: Config, split: dict, **extra) -> None:
 
 def model_data(dataset: lgg_dataset.LggDataset, config: Config) -> lgg_dataset.LggDataset:
     """The same slices with their images as the model reads them (data.volume.model_inputs)."""
-    images = volume.prepare(dataset.images, [r.patient for r in dataset.records],
-                            normalize=config.normalize, neighbours=config.neighbours)
+    images = volume.prepare(dataset, normalize=config.normalize, neighbours=config.neighbours)
     return lgg_dataset.LggDataset(dataset.records, images, dataset.masks)

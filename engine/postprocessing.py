@@ -50,9 +50,7 @@ def _held_out_volumes(config: Config, run_dir: str, held_out: list[tuple[str, Lg
         model, _ = load_model(os.path.join(run_dir, relative))
         segmenter = Segmenter([model], spec_for(config), image_size=model_image_size(model, config.image_size),
                               sources=[relative])
-        names = np.array([r.patient for r in dataset.records])
-        for patient in dataset.patients:
-            idx = np.flatnonzero(names == patient)
+        for idx in dataset.patient_slices.values():
             yield (segmenter.probabilities(dataset.images[idx], batch_size=config.eval_batch),
                    dataset.masks[idx] > 0)
 

@@ -8,7 +8,6 @@ import tensorflow as tf
 
 from data import pipeline
 from data.dataset import LggDataset
-from data.lgg import DataError
 from engine import steps as steps_lib
 from engine.schedule import Schedule
 from engine.state import TrainState
@@ -48,10 +47,8 @@ class Trainer:
         self.seed, self.augment, self.positive_fraction = seed, augment, positive_fraction
         self.checkpoints = checkpoints  # named when the run fails: what it can resume from
         self.epochs = epochs  # the data runs to the end of the last epoch
-        self.steps_per_epoch = pipeline.train_batches_per_epoch(len(data.records), global_batch)
-        if self.steps_per_epoch == 0:
-            raise DataError(f"the training split has {len(data.records)} slices, fewer than one "
-                            f"global batch of {global_batch}; lower --batch_size or add patients")
+        self.steps_per_epoch = pipeline.steps_per_epoch(len(data.records), global_batch,
+                                                        what="the training split")
         self._iterator = None
         self.iterators = 0  # how many times the data was started: once per run, or per resume
         self._next_step: int | None = None  # the step the iterator's next batch belongs to

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import sys
 
-from engine.controller import Controller, EpochEnd, StopReason, StopRequest, itstime, steps_to_next
+from engine.controller import Controller, StopReason, StopRequest, itstime, steps_to_next
 
 
 class FakeTrainer:
@@ -142,4 +142,3 @@ def test_itstime_and_steps_to_next():
     assert not itstime(3, 0) and itstime(4, 0, 4)
     assert steps_to_next(3, (7, 5, 0), 100) == 2 and steps_to_next(5, (7, 5), 100) == 2
     assert steps_to_next(0, (7, 5), 3) == 3
-    assert EpochEnd(epoch=1, step=7, train={}, val={}).val == {}

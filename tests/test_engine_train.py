@@ -38,12 +38,15 @@ def test_runs_the_requested_steps_and_writes_the_run_directory(trained):
     assert any(n.startswith("events.out.tfevents") for n in names)
 
 
-def test_loss_falls(trained):
+def test_training_lowers_the_loss_on_training_and_held_out_slices(trained):
+    # Three epochs of a tiny model segment little, but the steps must move the weights: both
+    # history.jsonl losses end well below the first epoch's (on the seeds tried, 0.75-0.84 of it
+    # in training, 0.73-0.80 on validation), where an epoch-to-epoch ordering is noise.
     config, _ = trained
     history = read_history(config.run_dir)
-    losses = [h["loss"] for h in history]
-    assert losses == sorted(losses, reverse=True)
-    assert losses[-1] < 0.9 * losses[0]
+    first, last = history[0], history[-1]
+    assert last["loss"] < 0.9 * first["loss"]
+    assert last["val_loss"] < 0.9 * first["val_loss"]
 
 
 def test_each_compiled_function_traces_once(trained):

@@ -161,6 +161,9 @@ def test_dataset_accessors(fake_lgg_tree):
     assert ds.positive.tolist() == [False] * 6 + [True] + [False] * 2
     idx = ds.indices_of(["TCGA_HT_0003_20020101", "TCGA_CS_0001_20000101"])
     assert idx.tolist() == [0, 1, 2, 7, 8]
+    assert {p: i.tolist() for p, i in ds.patient_slices.items()} == {
+        "TCGA_CS_0001_20000101": [0, 1, 2], "TCGA_DU_0002_20010101": [3, 4, 5, 6],
+        "TCGA_HT_0003_20020101": [7, 8]}
     sub = ds.subset(["TCGA_DU_0002_20010101"])
     assert sub.patients == ["TCGA_DU_0002_20010101"]
     assert sub.positive.tolist() == [False, False, False, True]
