@@ -1,12 +1,17 @@
-"""Peak FLOP rates to measure utilisation against: a table of GPUs by name, and a CPU conv probe."""
+"""Peak FLOP rates to measure utilisation against: a table of GPUs by name, or a CPU conv probe."""
 
 from __future__ import annotations
 
 import dataclasses
+import logging
 import re
 import time
 
 import tensorflow as tf
+
+from engine.runtime import Runtime
+
+log = logging.getLogger(__name__)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -149,3 +154,48 @@ def conv_probe(*, dtype: str = "float32", batch: int = 8, size: int = 128, chann
         tflops_per_cpu_second=flops / max(min(cpu_times), 1e-9) / 1e12, flops_per_conv=flops,
         seconds_per_conv=best,
         description=f"3x3 conv {channels}->{channels}, {size}x{size}, batch {batch}, {dtype}")
+
+
+@dataclasses.dataclass(frozen=True)
+class Peak:
+    """The rate utilisation is measured against."""
+
+    tflops: float | None  # all replicas together; None for an unknown GPU
+    source: str  # where the figure comes from
+    # CPU probe only: TFLOP per second of process CPU time, so that a CPU
+    # step's utilisation can also be had from its CPU time, which other
+    # processes on a shared machine do not change (its wall time they do).
+    tflops_per_cpu_second: float | None = None
+
+
+def measure_peak(runtime: Runtime, compute_dtype: str) -> Peak:
+    """The peak to measure utilisation against: the GPU table, or the CPU conv probe.
+
+    Args:
+      runtime: the resolved device policy (GPU names, precision, replicas, workers).
+      compute_dtype: the policy's compute dtype, which the CPU probe runs in.
+
+    Returns:
+      The Peak: TFLOP/s of all replicas together (None for an unknown GPU) and its source.
+    """
+    if runtime.gpus:
+        tf32 = tf.config.experimental.tensor_float_32_execution_enabled()
+        per_gpu = gpu_peak_tflops(runtime.gpus[0], runtime.precision, tf32=tf32)
+        if per_gpu is None:
+            log.info(f"No peak known for {runtime.gpus[0]!r} at {runtime.precision}: utilisation is not "
+                f"reported (add the device to GPU_PEAKS in engine/roofline.py).")
+            return Peak(None, f"unknown GPU {runtime.gpus[0]}")
+        row = gpu_peak(runtime.gpus[0])
+        # Named only where the device has TF32 (Ampere and later): before, float32 is plain FP32.
+        tf32_note = " (TF32)" if tf32 and row.tf32 and runtime.precision == "float32" else ""
+        return Peak(per_gpu * runtime.replicas,
+                    f"data sheet: {row.name} dense {runtime.precision}{tf32_note} "
+                    f"x {runtime.replicas} replica(s)")
+    probe = conv_probe(dtype=compute_dtype)
+    # Logical CPU devices share one CPU: the probe already used all of it. The
+    # CPU-time rate is per process, so it is comparable only with one worker.
+    return Peak(probe.tflops * runtime.num_workers,
+                f"CPU probe: {probe.description}, best of 5 (median {probe.median_tflops * 1e3:.0f} "
+                f"GFLOP/s, {probe.tflops_per_cpu_second * 1e3:.0f} GFLOP per CPU-second) x "
+                f"{runtime.num_workers} worker(s)",
+                probe.tflops_per_cpu_second if runtime.num_workers == 1 else None)
