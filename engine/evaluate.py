@@ -21,6 +21,7 @@ from engine import inputs, report, segmenter as segmenter_lib
 from engine.config import Config
 from engine.inference import groups
 from engine.rundir import SPLIT_FILE, RunDir
+from engine.runtime import Runtime
 from engine.segmenter import Segmenter
 from models import losses, metrics
 
@@ -167,9 +168,10 @@ def _best_and_worst(segmenter: Segmenter, subset: LggDataset, predictions: np.nd
     return figures
 
 
-def run(config: Config) -> dict:
+def run(config: Config, runtime: Runtime) -> dict:
     """Evaluates the run's inference on --split (or every patient of --data_dir with --split=all)
-    and writes eval_<split>.json, per_patient_<split>.csv, eval_<split>.md and its figures.
+    and writes eval_<split>.json, per_patient_<split>.csv, eval_<split>.md and its figures; the
+    models compute in the runtime's precision.
 
     Returns:
       The summary written to eval_<split>.json.
@@ -179,7 +181,7 @@ def run(config: Config) -> dict:
       DataError: the data or the split cannot be used.
     """
     start = time.perf_counter()
-    segmenter = segmenter_lib.segmenter(config)
+    segmenter = segmenter_lib.segmenter(config, precision=runtime.precision)
     run_dir = RunDir(config.run_dir)
     subset = _data(config, run_dir)
     batch_size = config.eval_batch

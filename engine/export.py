@@ -17,6 +17,7 @@ from engine import rundir, segmenter as segmenter_lib
 from engine.config import Config
 from engine.inference import probabilities
 from engine.rundir import RunDirError
+from engine.runtime import Runtime
 from engine.segmenter import Segmenter
 
 log = logging.getLogger(__name__)
@@ -141,8 +142,9 @@ def check_export(export_dir: str, segmenter: Segmenter, *, seed: int = 0) -> flo
     return float(np.abs(exported - segmenter.probabilities(images, batch_size=len(images))).max())
 
 
-def run(config: Config) -> str:
-    """Exports the run's model (or --checkpoint) to --export_dir, default <run_dir>/saved_model.
+def run(config: Config, runtime: Runtime) -> str:
+    """Exports the run's model (or --checkpoint) to --export_dir, default <run_dir>/saved_model, in
+    the runtime's precision (float32 unless --precision says otherwise).
 
     The serving function is the engine's own inference core, so a client needs only TensorFlow:
 
@@ -160,7 +162,7 @@ def run(config: Config) -> str:
     """
     export_dir = os.path.abspath(config.export_dir or os.path.join(config.run_dir, rundir.SAVED_MODEL))
     check_target(export_dir)  # before the model loads: a refusal does no work
-    segmenter = segmenter_lib.segmenter(config)
+    segmenter = segmenter_lib.segmenter(config, precision=runtime.precision)
     export_saved_model(segmenter, export_dir,
                        metadata={"source": segmenter.sources, "brainseg": rundir.PROJECT_VERSION})
     difference = check_export(export_dir, segmenter)

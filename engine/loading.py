@@ -16,12 +16,13 @@ from models import fused_batch_norm  # noqa: F401  (registers the layer that loa
 log = logging.getLogger(__name__)
 
 
-def load_model(path: str, *, build=None) -> tuple[keras.Model, str]:
-    """One trained model, and where it came from.
+def load_model(path: str, *, precision: str, build=None) -> tuple[keras.Model, str]:
+    """One trained model, computing in `precision`, and where it came from.
 
     Args:
       path: a `.keras` model file; or a run directory, its checkpoints folder, or one checkpoint
         (weights read into `build()`).
+      precision: the Keras policy the run computes in (Runtime.precision).
       build: makes the model a checkpoint's weights are read into (from the current config).
 
     Raises:
@@ -31,7 +32,7 @@ def load_model(path: str, *, build=None) -> tuple[keras.Model, str]:
         model = build()
         info = checkpoint_lib.restore(tf.train.Checkpoint(model=model), path, partial=True)
         log.info(f"Model weights from checkpoint {info.path}")
-        return model, info.path
+        return in_precision(model, precision), info.path
     if not os.path.exists(path):
         raise CheckpointError(
             f"{path} does not exist: train first (--mode=train with the same --run_name/--model_dir), "
@@ -45,17 +46,16 @@ def load_model(path: str, *, build=None) -> tuple[keras.Model, str]:
         raise CheckpointError(f"{path} is damaged and could not be loaded ({type(e).__name__}: "
                               f"{str(e).splitlines()[0][:200]})") from None
     log.info(f"Model from {path}")
-    return in_global_precision(model), path
+    return in_precision(model, precision), path
 
 
-def in_global_precision(model: keras.Model) -> keras.Model:
-    """The model computing in the global precision policy (the run's --precision, resolved).
+def in_precision(model: keras.Model, policy: str) -> keras.Model:
+    """The model computing in `policy` (the run's --precision, as engine.runtime resolved it).
 
     A .keras file keeps the policy it was trained in; predict and evaluate run in the precision
     chosen for this machine instead, so the model is rebuilt from its config with that policy
     (the logits stay float32, as models/unet.py builds them) and given the same weights.
     """
-    policy = keras.mixed_precision.global_policy().name
     layers = [layer for layer in model.layers if layer.name != "logits" and layer.weights]
     if policy == "float64" or all(layer.dtype_policy.name == policy for layer in layers):
         return model

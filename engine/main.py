@@ -100,13 +100,13 @@ def run(config) -> int:
             return stop.exit_code
         elif config.mode == "evaluate":
             from engine import evaluate
-            evaluate.run(config)
+            evaluate.run(config, rt)
         elif config.mode == "predict":
             from engine import predict
-            return predict.run(config)
+            return predict.run(config, rt)
         elif config.mode == "export":
             from engine import export
-            export.run(config)
+            export.run(config, rt)
         elif config.mode == "benchmark":
             from engine import benchmark
             benchmark.run(config, rt)

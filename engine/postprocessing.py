@@ -44,10 +44,11 @@ def choose_min_voxels(volumes) -> tuple[int, dict[int, float]]:
     return min(v for v, m in means.items() if m == best), means
 
 
-def _held_out_volumes(config: Config, run_dir: str, held_out: list[tuple[str, LggDataset]]):
+def _held_out_volumes(config: Config, run_dir: str, held_out: list[tuple[str, LggDataset]],
+                      precision: str):
     """Each held-out patient's probabilities from the member that did not train on it."""
     for relative, dataset in held_out:
-        model, _ = load_model(os.path.join(run_dir, relative))
+        model, _ = load_model(os.path.join(run_dir, relative), precision=precision)
         segmenter = Segmenter([model], spec_for(config), image_size=model_image_size(model, config.image_size),
                               sources=[relative])
         for idx in dataset.patient_slices.values():
@@ -56,7 +57,7 @@ def _held_out_volumes(config: Config, run_dir: str, held_out: list[tuple[str, Lg
 
 
 def record(config: Config, run: RunDir, held_out: list[tuple[str, LggDataset]], *,
-           members: list[str]) -> InferenceSpec:
+           members: list[str], precision: str) -> InferenceSpec:
     """Chooses the post-processing on the held-out patients (if any) and writes inference.json.
 
     Args:
@@ -64,6 +65,7 @@ def record(config: Config, run: RunDir, held_out: list[tuple[str, LggDataset]], 
       run: the run directory.
       held_out: (member file relative to the run, the patients it did not train on).
       members: every member file, relative to the run.
+      precision: what the members compute in (Runtime.precision).
 
     Returns:
       The recorded spec.
@@ -71,7 +73,7 @@ def record(config: Config, run: RunDir, held_out: list[tuple[str, LggDataset]], 
     spec = spec_for(config, members=members)
     patients = sum(len(d.patients) for _, d in held_out)
     if patients:
-        chosen, means = choose_min_voxels(_held_out_volumes(config, run.path, held_out))
+        chosen, means = choose_min_voxels(_held_out_volumes(config, run.path, held_out, precision))
         what = "out-of-fold predictions" if len(members) > 1 else "validation predictions"
         spec = dataclasses.replace(spec, min_component_voxels=chosen,
                                    chosen_on=f"{what} of {patients} patients")

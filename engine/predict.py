@@ -20,6 +20,7 @@ from engine import segmenter as segmenter_lib
 from data.atomic import atomic_write, atomic_write_json, read_json_object
 from engine.config import Config
 from engine.inference import groups
+from engine.runtime import Runtime
 from engine.segmenter import Segmenter
 
 log = logging.getLogger(__name__)
@@ -270,8 +271,8 @@ def _try_write(path: pathlib.Path, mask: np.ndarray) -> str | None:
     return None
 
 
-def run(config: Config) -> int:
-    """Predicts every image under --input into --output.
+def run(config: Config, runtime: Runtime) -> int:
+    """Predicts every image under --input into --output, the models computing in the runtime's precision.
 
     File by file:
       - Every `.tif`/`.tiff` under `--input` (recursively; hidden folders skipped) whose name
@@ -301,7 +302,7 @@ def run(config: Config) -> int:
       CheckpointError: no model where the flags point.
     """
     jobs, protected = plan(config.input, config.output)
-    segmenter = segmenter_lib.segmenter(config)
+    segmenter = segmenter_lib.segmenter(config, precision=runtime.precision)
     if protected:
         examples = ", ".join(str(j.target) for j in protected[:3])
         log.info(f"Skipping {len(protected)} image(s) whose {MASK_STEM_SUFFIX}.tif is ground truth in "

@@ -73,13 +73,14 @@ class Segmenter:
                 f"(chosen on {s.chosen_on})")
 
 
-def segmenter(config) -> Segmenter:
+def segmenter(config, *, precision: str) -> Segmenter:
     """The inference a reading mode applies (evaluate, predict, export).
 
     The run's own, as training recorded it in inference.json (its members, model inputs, TTA,
     threshold and post-processing), with --tta and the post-processing flags added on top; or,
     with --checkpoint, that one model; or, for a run trained before inference.json existed, its
-    final model with the model inputs its config.json records.
+    final model with the model inputs its config.json records. The models compute in
+    `precision` (Runtime.precision).
 
     Raises:
       CheckpointError: nothing loadable where the flags point.
@@ -105,7 +106,7 @@ def segmenter(config) -> Segmenter:
     paths = [config.checkpoint] if config.checkpoint else [os.path.join(config.run_dir, m) for m in spec.members]
     models, sources = [], []
     for path in paths:
-        model, source = load_model(path, build=lambda: build_model(run_config))
+        model, source = load_model(path, precision=precision, build=lambda: build_model(run_config))
         models.append(model)
         sources.append(source)
     image_size = model_image_size(models[0], run_config.image_size)

@@ -91,7 +91,8 @@ def run(config: Config, runtime: Runtime) -> TrainResult:
             if result.stop.interrupted or not runtime.is_chief:
                 return result
             return dataclasses.replace(
-                result, inference=postprocessing.record(config, run_dir, held_out, members=members))
+                result, inference=postprocessing.record(config, run_dir, held_out, members=members,
+                                                        precision=runtime.precision))
 
 
 def _before_writing(config: Config, runtime: Runtime) -> inputs.SplitData:

@@ -147,14 +147,14 @@ def test_a_saved_model_predicts_in_the_precision_chosen_for_the_machine(tmp_path
     trained = build_unet(image_size=32, base_filters=4, depth=2)
     trained.save(tmp_path / "final_model.keras")
     x = np.random.default_rng(0).uniform(size=(2, 32, 32, 3)).astype(np.float32)
-    policy("mixed_bfloat16")  # what resolve() sets on a CPU with AMX
-    loaded, _ = load_model(str(tmp_path / "final_model.keras"))
+    # The precision the run resolved (mixed_bfloat16 on a CPU with AMX) wins over Keras' global policy.
+    loaded, _ = load_model(str(tmp_path / "final_model.keras"), precision="mixed_bfloat16")
     assert loaded.get_layer("enc0_conv1").compute_dtype == "bfloat16"
     assert loaded.get_layer("logits").compute_dtype == "float32" and loaded.output.dtype == "float32"
     difference = np.abs(loaded(x).numpy() - trained(x).numpy()).max()
     assert 0 < difference < 0.05  # the same weights, computed in bfloat16
-    policy("float32")
-    again, _ = load_model(str(tmp_path / "final_model.keras"))
+    policy("mixed_bfloat16")
+    again, _ = load_model(str(tmp_path / "final_model.keras"), precision="float32")
     np.testing.assert_array_equal(again(x).numpy(), trained(x).numpy())
 
 

@@ -13,7 +13,7 @@ import tifffile
 from engine.rundir import RunDirError
 
 from data.lgg import DataError
-from engine import predict
+from engine import predict, runtime
 from engine.config import Config
 from engine.inference import Predictor
 from tests.helpers import asymmetric_model, config_flags, model_only_config, pointwise_model, run_engine
@@ -46,6 +46,11 @@ def _expect_left_half(mask: np.ndarray, width: int) -> None:
 
 def _config(tmp, **overrides) -> Config:
     return model_only_config(tmp, image_size=SIZE, mode="predict", batch_size=3, **overrides)
+
+
+def _predict(config: Config) -> int:
+    """--mode=predict as main.run calls it: with the device policy resolved from the flags."""
+    return predict.run(config, runtime.resolve(config))
 
 
 @pytest.fixture(scope="module")
@@ -134,7 +139,7 @@ def test_predict_writes_masks_of_each_input_size_and_names_bad_files(tmp_path, r
     tifffile.imwrite(src / "rgba.tif", np.zeros((8, 8, 4), np.uint8))
     caplog.set_level(logging.INFO)
     out = tmp_path / "out"
-    code = predict.run(_config(tmp_path, input=str(src), output=str(out), model_dir=str(run_dir)))
+    code = _predict(_config(tmp_path, input=str(src), output=str(out), model_dir=str(run_dir)))
     messages = caplog.messages
     assert code == 1
     text = "\n".join(messages)
@@ -167,7 +172,7 @@ def test_tta_writes_the_masks_of_the_flip_averaged_probabilities(tmp_path):
     outputs = {}
     for tta in (False, True):
         out = tmp_path / f"out_tta{tta}"
-        assert predict.run(_config(tmp_path, input=str(src), output=str(out), model_dir=str(model_dir),
+        assert _predict(_config(tmp_path, input=str(src), output=str(out), model_dir=str(model_dir),
                                    tta=tta)) == 0
         outputs[tta] = np.stack([tifffile.imread(out / f"s{i}_mask.tif") for i in range(4)]) > 0
         want = Predictor(model, image_size=SIZE, tta=tta)(images, batch_size=4) > 0.5
@@ -188,7 +193,7 @@ def test_predicting_in_place_never_touches_ground_truth(tmp_path, run_dir, caplo
     before = {n: (folder / f"TCGA_CS_0001_20000101_{n}_mask.tif").read_bytes() for n in (1, 2)}
     caplog.set_level(logging.INFO)
     root = str(tmp_path / "kaggle_3m")
-    assert predict.run(_config(tmp_path, input=root, output=root, model_dir=str(run_dir))) == 0
+    assert _predict(_config(tmp_path, input=root, output=root, model_dir=str(run_dir))) == 0
     messages = caplog.messages
     for n in (1, 2):
         assert (folder / f"TCGA_CS_0001_20000101_{n}_mask.tif").read_bytes() == before[n]
@@ -224,6 +229,6 @@ def test_predict_with_no_model_fails_cleanly(tmp_path):
     src.mkdir()
     tifffile.imwrite(src / "one.tif", _slice(64, 64))
     with pytest.raises(RunDirError, match="is not a brainseg run"):
-        predict.run(_config(tmp_path, input=str(src), output=str(tmp_path / "o"),
+        _predict(_config(tmp_path, input=str(src), output=str(tmp_path / "o"),
                             model_dir=str(tmp_path / "nothing")))
     assert not (tmp_path / "o").exists()
