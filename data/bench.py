@@ -1,8 +1,7 @@
-"""Input-pipeline throughput: `python -m data.bench` (images/s of train_dataset)."""
+"""Input-pipeline throughput: images/s of train_dataset (`python -m engine.bench_input` runs it)."""
 
 from __future__ import annotations
 
-import json
 import time
 
 import numpy as np
@@ -17,6 +16,7 @@ def measure_throughput(
     batch_size: int = 16,
     image_size: int = 256,
     augment: pipeline.Augment | None,
+    positive_fraction: float = 0.0,
     batches: int = 200,
     warmup: int = 10,
     seed: int = 0,
@@ -32,7 +32,8 @@ def measure_throughput(
       masks: uint8 [N, H, W] in {0, 1}.
       batch_size: slices per batch.
       image_size: output side.
-      augment: augmentation ranges, or None.
+      augment: augmentation ranges, or None (the recipe's come from the caller: engine.config).
+      positive_fraction: lesion-positive slices over-sampled to this fraction of each batch.
       batches: batches to time.
       warmup: batches read before timing starts (tracing, buffer fill).
       seed: pipeline seed.
@@ -41,14 +42,18 @@ def measure_throughput(
       {"images_per_s", "batches", "seconds", "cpu_seconds_per_batch"}; the CPU
       time is the whole process's, so images_per_s / cores is what another
       process can squeeze out of this machine.
+
+    Raises:
+      ValueError: batches < 1 or warmup < 1, or fewer slices than one batch.
     """
-    if batches < 1 or warmup < 0:
-        raise ValueError(f"need batches >= 1 and warmup >= 0, got {batches}, {warmup}")
+    if batches < 1 or warmup < 1:  # timing starts after the first batch (tracing, buffer fill)
+        raise ValueError(f"need batches >= 1 and warmup >= 1, got {batches}, {warmup}")
     seen, epoch = 0, 0
     start = cpu_start = None
     while seen < warmup + batches:
         ds = pipeline.train_dataset(
-            images, masks, batch_size=batch_size, image_size=image_size, seed=seed, epoch=epoch, augment=augment
+            images, masks, batch_size=batch_size, image_size=image_size, seed=seed, epoch=epoch,
+            augment=augment, positive_fraction=positive_fraction,
         )
         for batch in ds:
             del batch  # tf.data hands over finished tensors
@@ -58,8 +63,6 @@ def measure_throughput(
             if seen == warmup + batches:
                 break
         epoch += 1
-    if start is None:  # warmup == 0
-        raise ValueError("warmup must be >= 1 so that timing starts after the first batch")
     seconds = time.perf_counter() - start
     return {
         "images_per_s": batches * batch_size / seconds,
@@ -67,41 +70,3 @@ def measure_throughput(
         "seconds": seconds,
         "cpu_seconds_per_batch": (time.process_time() - cpu_start) / batches,
     }
-
-
-if __name__ == "__main__":
-    from absl import app, flags
-
-    from data import synthetic
-
-    flags.DEFINE_integer("patients", 12, "Synthetic patients rendered in memory as the input.", lower_bound=1)
-    flags.DEFINE_integer("batch_size", 16, "Batch size.", lower_bound=1)
-    flags.DEFINE_integer("image_size", 256, "Output image side.", lower_bound=8)
-    flags.DEFINE_integer("batches", 200, "Batches to time.", lower_bound=1)
-    flags.DEFINE_integer("warmup", 10, "Batches read before timing.", lower_bound=1)
-    flags.DEFINE_bool("augment", True, "Geometric augmentation (the seed recipe).")
-    flags.DEFINE_float("intensity", 0.0, "Brightness, contrast and gamma range (0 = off).", lower_bound=0.0)
-    FLAGS = flags.FLAGS
-
-    def main(argv):
-        del argv
-        images, masks = synthetic.render_arrays(patients=FLAGS.patients, seed=0)
-        # The engine's default augmentation (engine.config, the one place that holds it), with the
-        # intensity ranges asked for.
-        from engine.config import Config
-
-        i = FLAGS.intensity
-        aug = Config(augment=FLAGS.augment, brightness=i, contrast=i, gamma=i).augmentation
-        result = measure_throughput(
-            images,
-            masks,
-            batch_size=FLAGS.batch_size,
-            image_size=FLAGS.image_size,
-            augment=aug,
-            batches=FLAGS.batches,
-            warmup=FLAGS.warmup,
-        )
-        result.update(slices=len(images), batch_size=FLAGS.batch_size, image_size=FLAGS.image_size, augment=repr(aug))
-        print(json.dumps(result))
-
-    app.run(main)

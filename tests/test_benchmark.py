@@ -3,13 +3,15 @@
 import json
 import math
 import os
+import subprocess
+import sys
 import time
 
 import pytest
 
 from engine import roofline
 from models import unet
-from tests.helpers import config_flags, run_engine, tiny_config
+from tests.helpers import REPO, config_flags, run_engine, session_cache_dir, synthetic_dir, tiny_config
 
 PHASE_KEYS = ("images_per_sec", "step_time_ms_mean", "step_time_ms_median", "step_time_ms_p90",
               "step_time_ms_p99", "timed_steps", "steps_per_call", "global_batch", "compile_seconds",
@@ -138,6 +140,30 @@ def test_benchmark_bad_data_dir_is_a_clean_error(tmp_path):
     assert proc.returncode == 2, proc.stderr
     assert "error:" in proc.stderr and "Traceback" not in proc.stderr
     assert not os.path.exists(tmp_path / "run")  # a refusal creates nothing
+
+
+def _bench_input(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "engine.bench_input", f"--data_dir={synthetic_dir()}",
+                           f"--cache_dir={session_cache_dir()}", "--image_size=32", *args],
+                          cwd=REPO, capture_output=True, text=True, timeout=180,
+                          env={**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2"})
+
+
+@pytest.mark.slow
+def test_input_pipeline_throughput_with_the_runs_flags():
+    proc = _bench_input("--batch_size=4", "--benchmark_steps=3", "--benchmark_warmup=1",
+                        "--positive_fraction=0.5", "--brightness=0.1")
+    assert proc.returncode == 0, proc.stderr
+    result = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert result["batches"] == 3 and result["batch_size"] == 4 and result["slices"] > 4
+    assert 0 < result["images_per_s"] < math.inf and result["cpu_seconds_per_batch"] > 0
+    assert "brightness=0.1" in result["augment"] and "rotation_deg=0.2" in result["augment"]
+    # Fewer slices than one batch: one line naming the folder, exit 2.
+    proc = _bench_input("--batch_size=4096", "--benchmark_steps=1")
+    assert proc.returncode == 2 and "no full batch of 4096" in proc.stderr, proc.stderr
+    assert f"--data_dir={synthetic_dir()}" in proc.stderr
+    errors = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and "Traceback" not in proc.stderr
 
 
 @pytest.mark.parametrize("name, row", [
