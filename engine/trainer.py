@@ -27,6 +27,17 @@ def summarize(sums: dict) -> dict[str, float]:
             "steps": sums["steps"], "seconds": sums["seconds"]}
 
 
+def check_one_batch(num_slices: int, global_batch: int) -> None:
+    """Refuses a training split with fewer slices than one global batch (an epoch of no steps).
+
+    Raises:
+      DataError: naming both numbers and the flag to change.
+    """
+    if pipeline.train_batches_per_epoch(num_slices, global_batch) == 0:
+        raise DataError(f"the training split has {num_slices} slices, fewer than one global batch "
+                        f"of {global_batch}; lower --batch_size or add patients")
+
+
 class Trainer:
     """Owns the training data's iterator, the compiled train step and the sums of its outputs.
 
@@ -49,9 +60,7 @@ class Trainer:
         self.checkpoints = checkpoints  # named when the run fails: what it can resume from
         self.epochs = epochs  # the data runs to the end of the last epoch
         self.steps_per_epoch = pipeline.train_batches_per_epoch(len(data.records), global_batch)
-        if self.steps_per_epoch == 0:
-            raise DataError(f"the training split has {len(data.records)} slices, fewer than one "
-                            f"global batch of {global_batch}; lower --batch_size or add patients")
+        check_one_batch(len(data.records), global_batch)
         self._iterator = None
         self.iterators = 0  # how many times the data was started: once per run, or per resume
         self._next_step: int | None = None  # the step the iterator's next batch belongs to

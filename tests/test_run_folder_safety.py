@@ -183,3 +183,22 @@ def test_an_ensemble_member_that_lost_its_config_is_not_resumed_by_overwrite(tmp
     assert "Resumed from" not in proc.stdout
     for k in ("0", "1"):
         assert [r["epoch"] for r in read_history(run_dir / "members" / k)] == [1]
+
+
+# --- 6. a refusal creates nothing --------------------------------------------------------------------
+
+
+def test_a_batch_larger_than_the_training_slices_creates_no_folder(tmp_path):
+    run_dir = tmp_path / "run"
+    line = _error(run_engine(_flags(run_dir, batch_size=1000)))
+    assert "fewer than one global batch" in line, line
+    assert not run_dir.exists()
+    assert run_engine(_flags(run_dir)).returncode == 0
+
+
+def test_restore_from_a_run_of_another_architecture_creates_no_folder(finished, tmp_path):
+    run_dir = tmp_path / "run"
+    line = _error(run_engine(_flags(run_dir, base_filters=8, restore_from=str(finished))))
+    assert "--restore_from" in line and "does not fit" in line, line
+    assert not run_dir.exists()
+    assert run_engine(_flags(run_dir, base_filters=8)).returncode == 0
