@@ -4,14 +4,52 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
-import tempfile
-from typing import Callable
+from typing import Callable, NamedTuple
 
 # Temporary names start with these, so cleaners (the checkpoint manager, export, --overwrite) know
 # them: a write in progress, a folder moved aside while its replacement goes in, a folder being
-# deleted. Each ends in "-<pid>" of the process that made it.
+# deleted. Each is exactly <prefix><final name>-<pid>[<suffix>], the pid of the process that made
+# it: a user's `.tmp-config.json-mine.txt` or `.old-exp-20240101` is not of that form.
 TMP_PREFIX, OLD_PREFIX, DEL_PREFIX = ".tmp-", ".old-", ".del-"
+_TEMPORARY = re.compile(r"^(\.tmp-|\.old-|\.del-)(.+)-([1-9][0-9]*)(\.[A-Za-z0-9]+)?$")
+
+
+def _pid_max() -> int:
+    try:
+        with open("/proc/sys/kernel/pid_max") as f:
+            return int(f.read())
+    except (OSError, ValueError):
+        return 4194304  # Linux's largest
+
+
+PID_MAX = _pid_max()
+
+
+class Temporary(NamedTuple):
+    """A temporary's name taken apart: prefix, the final name it stands for, pid, suffix."""
+
+    prefix: str
+    name: str
+    pid: int
+    suffix: str
+
+
+def temporary_name(prefix: str, name: str, suffix: str = "") -> str:
+    """The name of this process's temporary for `name` (see parse_temporary)."""
+    return f"{prefix}{name}-{os.getpid()}{suffix}"
+
+
+def parse_temporary(entry: str) -> Temporary | None:
+    """The parts of a name of temporary_name's form, or None for any other name (a user's).
+
+    The pid must be one a process can have, so a date (`.old-exp-20240101`) is not one.
+    """
+    found = _TEMPORARY.match(entry)
+    if not found or int(found.group(3)) > PID_MAX:
+        return None
+    return Temporary(found.group(1), found.group(2), int(found.group(3)), found.group(4) or "")
 
 
 def fsync_dir(path: str) -> None:
@@ -43,8 +81,8 @@ def atomic_write(path: str, content: bytes | str | Callable[[str], None], *, suf
         and an existing file at `path` is left as it was.
     """
     folder = os.path.dirname(os.path.abspath(path))
-    fd, tmp = tempfile.mkstemp(prefix=f"{TMP_PREFIX}{os.path.basename(path)}-", suffix=suffix,
-                               dir=folder)
+    tmp = os.path.join(folder, temporary_name(TMP_PREFIX, os.path.basename(path), suffix))
+    fd = _create(tmp)
     try:
         if callable(content):
             os.close(fd)
@@ -63,10 +101,26 @@ def atomic_write(path: str, content: bytes | str | Callable[[str], None], *, suf
     except BaseException:
         if fd is not None:
             os.close(fd)
-        if os.path.exists(tmp):
+        if os.path.lexists(tmp):
             os.remove(tmp)
         raise
     return path
+
+
+def _create(tmp: str) -> int:
+    """Creates this process's temporary file, never through a link.
+
+    One process writes one path at a time, so a file already there was left by a dead process
+    that had the same pid: it is replaced.
+    """
+    flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | getattr(os, "O_CLOEXEC", 0)
+    try:
+        return os.open(tmp, flags, 0o644)
+    except FileExistsError:
+        if os.path.islink(tmp) or not os.path.isfile(tmp):
+            raise
+        os.remove(tmp)
+        return os.open(tmp, flags, 0o644)
 
 
 def read_json_object(path: str, error: type[Exception], advice: str, *, object_only: bool = True):
@@ -96,8 +150,8 @@ def atomic_write_json(path: str, payload) -> str:
 def temporary_dir(final: str) -> str:
     """A new empty folder beside `final` (same file system, so renaming it into place is atomic)."""
     parent = os.path.dirname(os.path.abspath(final))
-    path = os.path.join(parent, f"{TMP_PREFIX}{os.path.basename(final)}-{os.getpid()}")
-    if os.path.exists(path):
+    path = os.path.join(parent, temporary_name(TMP_PREFIX, os.path.basename(final)))
+    if os.path.isdir(path) and not os.path.islink(path):  # a dead process's with the same pid
         shutil.rmtree(path)
     os.mkdir(path)
     return path
@@ -114,7 +168,7 @@ def swap_in_dir(tmp: str, final: str) -> str:
       OSError: a rename failed; the old folder is put back where it can be.
     """
     parent = os.path.dirname(os.path.abspath(final))
-    old = os.path.join(parent, f"{OLD_PREFIX}{os.path.basename(final)}-{os.getpid()}")
+    old = os.path.join(parent, temporary_name(OLD_PREFIX, os.path.basename(final)))
     fsync_dir(tmp)
     moved = os.path.exists(final)
     if moved:
@@ -134,34 +188,37 @@ def swap_in_dir(tmp: str, final: str) -> str:
 def remove_dir(path: str) -> None:
     """Deletes a folder so that a crash midway never leaves it half deleted under its own name."""
     doomed = os.path.join(os.path.dirname(os.path.abspath(path)),
-                          f"{DEL_PREFIX}{os.path.basename(path)}-{os.getpid()}")
+                          temporary_name(DEL_PREFIX, os.path.basename(path)))
     os.replace(path, doomed)
     shutil.rmtree(doomed)
 
 
 def recover_dirs(parent: str, *, names: Callable[[str], bool] = lambda name: True,
-                 alive: Callable[[int], bool] = lambda pid: False) -> tuple[list[str], list[str]]:
+                 alive: Callable[[int], bool] = lambda pid: False,
+                 owned: Callable[[str], bool] = lambda path: True) -> tuple[list[str], list[str]]:
     """Cleans up after writes that crashed in `parent`: puts back every moved-aside folder whose
     replacement never arrived, and removes temporaries and half-done deletions.
+
+    Only entries of temporary_name's exact form are touched, never a link, and only those the
+    caller claims: a name like a temporary's that is not one stays.
 
     Args:
       parent: the folder to clean.
       names: which final names are this caller's (the part between the prefix and "-<pid>").
       alive: whether a pid's process still runs: its temporaries are left alone.
+      owned: whether a temporary's content is the caller's (a marker it writes first, say).
 
     Returns:
       (the folders put back, the temporaries removed).
     """
     restored, removed = [], []
     for entry in sorted(os.listdir(parent)):
-        prefix = next((p for p in (TMP_PREFIX, OLD_PREFIX, DEL_PREFIX) if entry.startswith(p)), None)
-        if prefix is None or "-" not in entry[len(prefix):]:
+        temporary, path = parse_temporary(entry), os.path.join(parent, entry)
+        if (temporary is None or temporary.suffix or not names(temporary.name)
+                or os.path.islink(path) or alive(temporary.pid) or not owned(path)):
             continue
-        name, pid = entry[len(prefix):].rsplit("-", 1)
-        if not names(name) or not pid.isdigit() or alive(int(pid)):
-            continue
-        path, final = os.path.join(parent, entry), os.path.join(parent, name)
-        if prefix == OLD_PREFIX and not os.path.exists(final):
+        prefix, final = temporary.prefix, os.path.join(parent, temporary.name)
+        if prefix == OLD_PREFIX and not os.path.lexists(final):
             os.replace(path, final)
             fsync_dir(parent)
             restored.append(final)

@@ -352,32 +352,36 @@ def first_that_verifies(paths: list[str], directory: str, *, advice: str) -> Che
 # -- Helpers -------------------------------------------------------------------
 
 def _checkpoint_dirs(directory: str) -> list[tuple[int, str]]:
-    """(step, path) of every ckpt-* directory, by step."""
+    """(step, path) of every ckpt-* directory, by step; a link is not one (it is never followed,
+    so retention never deletes through it)."""
     try:
         names = os.listdir(directory)
     except (FileNotFoundError, NotADirectoryError):
         return []
     found = [(int(m.group(1)), os.path.join(os.path.abspath(directory), n))
              for n in names if (m := _CKPT_DIR.match(n))]
-    return sorted(p for p in found if os.path.isdir(p[1]))
+    return sorted(p for p in found if os.path.isdir(p[1]) and not os.path.islink(p[1]))
 
 
 def owned_entries(directory: str) -> list[str]:
     """The names in `directory` this manager wrote: its ckpt-<step> folders (its index) and the
-    temporaries of their saves and deletions; anything else there (ckpt-manual-backup) is not."""
+    temporaries of their saves and deletions; anything else there (ckpt-manual-backup, a link,
+    `.tmp-ckpt-1-mine`) is not."""
     try:
         names = os.listdir(directory)
     except (FileNotFoundError, NotADirectoryError):
         return []
 
-    def temporary(name: str) -> bool:
-        prefix = next((p for p in (atomic.TMP_PREFIX, atomic.OLD_PREFIX, atomic.DEL_PREFIX)
-                       if name.startswith(p)), None)
-        rest = name[len(prefix):].rsplit("-", 1) if prefix else []
-        return len(rest) == 2 and rest[1].isdigit() and bool(_CKPT_DIR.match(rest[0]))
+    def ours(name: str) -> bool:
+        path = os.path.join(directory, name)
+        if os.path.islink(path):
+            return False
+        if _CKPT_DIR.match(name):
+            return os.path.isdir(path)
+        temporary = atomic.parse_temporary(name)
+        return temporary is not None and not temporary.suffix and bool(_CKPT_DIR.match(temporary.name))
 
-    return sorted(n for n in names
-                  if (_CKPT_DIR.match(n) and os.path.isdir(os.path.join(directory, n))) or temporary(n))
+    return sorted(n for n in names if ours(n))
 
 
 def _is_checkpoint_dir(path: str) -> bool:

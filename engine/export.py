@@ -70,9 +70,11 @@ def export_saved_model(segmenter: Segmenter, export_dir: str, *, metadata: dict 
     check_target(export_dir)
     parent = os.path.dirname(export_dir)
     os.makedirs(parent, exist_ok=True)
-    # What an export killed midway left: its half-written folder goes, a moved-aside one comes back.
+    # What an export killed midway left: its half-written folder goes, a moved-aside one comes back;
+    # each holds the marker (written first), so a user's folder of a like name is not taken.
     restored, removed = atomic.recover_dirs(parent, names=lambda n: n == os.path.basename(export_dir),
-                                            alive=_alive)
+                                            alive=_alive, owned=lambda p: os.path.isfile(
+                                                os.path.join(p, METADATA_FILE)))
     for path in restored:
         log.info(f"Put back {path}: an export was killed before replacing it")
     for path in removed:
@@ -80,6 +82,8 @@ def export_saved_model(segmenter: Segmenter, export_dir: str, *, metadata: dict 
     tmp = atomic.temporary_dir(export_dir)
     spec = segmenter.spec
     try:
+        with open(os.path.join(tmp, METADATA_FILE), "w") as f:
+            f.write("{}\n")  # replaced below; marks the folder as this export's until then
         module = ServingModule(segmenter)
         tf.saved_model.save(module, tmp, signatures={SIGNATURE: module.serve})
         with open(os.path.join(tmp, METADATA_FILE), "w") as f:

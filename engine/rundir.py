@@ -5,6 +5,8 @@ from __future__ import annotations
 import errno
 import fcntl
 import fnmatch
+import functools
+import importlib.metadata
 import json
 import logging
 import os
@@ -13,15 +15,23 @@ import shutil
 
 from data import atomic
 from engine import checkpoint
+from engine.checkpoint import CHECKPOINTS_SUBDIR as CHECKPOINTS
 from engine.config import RUN_IDENTITY_FIELDS, Config
 
 log = logging.getLogger(__name__)
 
-PROJECT_VERSION = "0.1.0"
+
+def _project_version() -> str:
+    try:
+        return importlib.metadata.version("brainseg")
+    except importlib.metadata.PackageNotFoundError:  # a source tree run without installing it
+        return "unknown"
+
+
+PROJECT_VERSION = _project_version()
 CONFIG_FILE = "config.json"
 SPLIT_FILE = "split.json"
 HISTORY_FILE = "history.jsonl"
-CHECKPOINTS = "checkpoints"
 FINAL_MODEL = "final_model.keras"
 INFERENCE_FILE = "inference.json"  # what evaluate, predict and export apply (inference.InferenceSpec)
 SAVED_MODEL = "saved_model"
@@ -32,17 +42,66 @@ MEMBERS = "members"  # <run_dir>/members/<k>/: the run directories of an ensembl
 RECORD_FILE = "written.json"
 EVENTS = "events.out.tfevents.*"  # TensorFlow names the event file; the run records the one it made
 EXPORT_MARKER = "brainseg_export.json"  # written by export beside its SavedModel (export.METADATA_FILE)
+# What training writes, replaces or appends to by these fixed names: none may be a link.
+ENGINE_NAMES = (LOCK_FILE, RECORD_FILE, CONFIG_FILE, SPLIT_FILE, HISTORY_FILE, CHECKPOINTS, FINAL_MODEL,
+                INFERENCE_FILE, SAVED_MODEL, MEMBERS)
+# What training would replace or delete in a folder that holds no brainseg run: a user's.
+_REPLACED = (FINAL_MODEL, HISTORY_FILE, INFERENCE_FILE)
 
 
 class RunDirError(Exception):
     """The run directory holds something incompatible with this run, or is in use."""
 
 
+def confined(root: str, name: str, *, source: str) -> str:
+    """The path of `name` under `root`, for a write, a replacement or a deletion.
+
+    The one rule for every path brainseg changes in its folders: a relative path of plain parts
+    (none empty, "." or "..") none of which is a symbolic link, so nothing is ever written or
+    deleted through a link or outside `root`. `root` itself may be a link (the user's choice).
+
+    Args:
+      root: the folder brainseg owns (a run directory, a member's).
+      name: the relative path, as the engine or one of its records gives it.
+      source: where the name comes from, for the message (a record's path, "the run folder").
+
+    Raises:
+      RunDirError: one line naming `source` and the name (or the link); nothing has been changed.
+    """
+    parts = name.split("/") if isinstance(name, str) else [""]
+    if not name or name.startswith("/") or "\0" in name or any(p in ("", ".", "..") for p in parts):
+        raise RunDirError(f"{source}: the entry {name!r} is not a path inside {root}; nothing was "
+                          "changed: remove that entry (or the file), or use another --model_dir")
+    path = root
+    for part in parts:
+        path = os.path.join(path, part)
+        if os.path.islink(path):
+            raise RunDirError(
+                f"{path} is a symbolic link (to {os.readlink(path)}): brainseg never writes or deletes "
+                f"through a link inside its folder ({source}); nothing was changed: replace it with a "
+                "copy of what it points to (cp -r, not cp -rs), or use another --model_dir")
+    return path
+
+
+def _writes(reader_result=lambda self, *args, **kwargs: None):
+    """A method that writes: for a reader (writer=False) it writes nothing and returns
+    reader_result(self, *args) instead, as SummaryWriter(None) writes nothing."""
+    def wrap(method):
+        @functools.wraps(method)
+        def writing(self, *args, **kwargs):
+            if not self.writer:
+                return reader_result(self, *args, **kwargs)
+            return method(self, *args, **kwargs)
+        return writing
+    return wrap
+
+
 class RunDir:
     """One run's directory: the paths of its files, and the only code that writes them.
 
     A reader (evaluate, predict, export, a non-chief worker) gets `writer=False`: it reads the
-    same files, and every write is a no-op, as SummaryWriter(None) writes nothing.
+    same files, and every write is a no-op. Every path written, replaced, appended to or deleted
+    goes through `confined`.
     """
 
     def __init__(self, path: str, *, writer: bool = True):
@@ -52,6 +111,9 @@ class RunDir:
 
     def file(self, name: str) -> str:
         return os.path.join(self.path, name)
+
+    def _target(self, name: str) -> str:
+        return confined(self.path, name, source="the run folder")
 
     @property
     def checkpoints(self) -> str:
@@ -68,36 +130,74 @@ class RunDir:
 
     # -- Opening a run for training -----------------------------------------------------------
 
+    def check(self, *, overwrite: bool) -> None:
+        """Refuses, writing nothing, a folder that training could not write safely.
+
+        Refused: a link among the files training writes; a written.json entry that leaves the
+        folder; a config.json or written.json that is not brainseg's; a run that --overwrite was
+        removing when it was stopped, unless --overwrite again; a folder that holds files of the
+        engine's names (final_model.keras, a history, checkpoints) but no brainseg run, which
+        training would replace.
+
+        Raises:
+          RunDirError: one line naming the file; nothing has been written.
+        """
+        if not os.path.isdir(self.path):
+            return
+        for name in ENGINE_NAMES:
+            self._target(name)
+        record = self._record()
+        previous = self.read_config()
+        if record is not None and record.get("overwriting") and not overwrite:
+            raise RunDirError(f"{self.path} was being removed by --overwrite when that command "
+                              "stopped; pass --overwrite again to start it afresh")
+        if previous is not None:
+            return
+        written = set(record["written"]) if record else set()
+        foreign = [n for n in _REPLACED if os.path.lexists(self.file(n)) and n not in written]
+        ours = [os.path.join(CHECKPOINTS, n) for n in checkpoint.owned_entries(self.checkpoints)]
+        if foreign or (record is None and ours):
+            why = f"the folder has no {CONFIG_FILE}" + ("" if record is None else f" and {RECORD_FILE} does not list it")
+            raise RunDirError(f"{self.file((foreign or ours)[0])} is not a file of a brainseg run ({why}): "
+                              "training would replace it; move it away or use another --model_dir")
+        left = [n for n in sorted(written - {CONFIG_FILE, RECORD_FILE, LOCK_FILE})
+                if os.path.lexists(self.file(n))] + ours
+        if left and not overwrite:
+            raise RunDirError(f"{self.path} holds what a run wrote ({left[0]}) but not its {CONFIG_FILE}: "
+                              "it was being removed or was damaged, and is not resumed; pass "
+                              "--overwrite to start it afresh, or use another --model_dir")
+
+    @_writes(lambda self, *args, **kwargs: self)
     def open(self, config: Config, runtime: dict | None = None) -> "RunDir":
         """Locks the directory for this process, checks its identity and records the config.
 
         A directory that holds a run of another configuration (model shape, image size, data
         or split) is refused with what differs, unless --overwrite, which removes what the run
-        recorded writing (see _remove_owned) and nothing else. A folder whose config.json
-        brainseg did not write is never touched.
+        recorded writing (see _remove_owned) and nothing else, and starts from step 0. A folder
+        whose config.json brainseg did not write is never touched; `check` lists the rest.
 
         Returns:
           self.
 
         Raises:
           RunDirError: the directory is locked by another run, holds a different run, a run
-            that kept no record of its files (with --overwrite), a damaged history, or cannot
-            be written.
+            that kept no record of its files (with --overwrite), a damaged history, a link
+            among its files, or cannot be written.
         """
-        if not self.writer:
-            return self
         try:
+            self.check(overwrite=config.overwrite)
             os.makedirs(self.path, exist_ok=True)
             self.lock()
-            previous = self.read_config()
-            if previous is not None and config.overwrite:
+            self.check(overwrite=config.overwrite)  # what another process left while we waited
+            previous, written = self.read_config(), self.written()
+            if config.overwrite and (previous is not None or written is not None):
                 log.info(f"--overwrite: removing the files the previous run wrote in {self.path}")
                 self._remove_owned()
             elif previous is not None:
                 _check_identity(self.path, previous, config)
                 self.history()  # a torn last line goes now, before this run appends to it
             if previous is None or config.overwrite:
-                atomic.atomic_write_json(self.file(RECORD_FILE), {"written": []})
+                atomic.atomic_write_json(self._target(RECORD_FILE), {"written": []})
             # The resolved device policy beside the flags: --precision=auto's choice and its reason.
             self.write_json(CONFIG_FILE, {"config": config.to_dict(), "versions": versions(),
                                           **({"runtime": runtime} if runtime else {})})
@@ -118,8 +218,8 @@ class RunDir:
         Raises:
           RunDirError: another process holds it; the message names the directory and its pid.
         """
-        path = self.file(LOCK_FILE)
-        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+        path = self._target(LOCK_FILE)
+        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW, 0o644)
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except OSError as e:
@@ -162,39 +262,55 @@ class RunDir:
 
     # -- What the engine wrote here -------------------------------------------------------------
 
-    def written(self) -> list[str] | None:
-        """The relative paths the engine recorded writing here, or None for a run without a record.
+    def _record(self) -> dict | None:
+        """written.json, checked: a list of paths confined to the folder, and whether an --overwrite
+        was removing them; None for a run without a record.
 
         Raises:
-          RunDirError: the record is unreadable or not brainseg's.
+          RunDirError: the record is unreadable, not brainseg's, or names a path outside the
+            folder or through a link.
         """
         path = self.file(RECORD_FILE)
         stored = atomic.read_json_object(path, RunDirError, "move it away or use another --model_dir")
         if stored is None:
             return None
         names = stored.get("written")
-        if not isinstance(names, list) or not all(isinstance(n, str) for n in names):
+        if not isinstance(names, list) or not all(isinstance(n, str) for n in names) or not isinstance(
+                stored.get("overwriting", False), bool):
             raise RunDirError(f"{path} is not brainseg's record of its files; move it away or use "
                               "another --model_dir")
-        return names
+        for name in names:
+            confined(self.path, name, source=path)
+        return stored
 
+    def written(self) -> list[str] | None:
+        """The relative paths the engine recorded writing here, or None for a run without a record.
+
+        Raises:
+          RunDirError: the record is unreadable, not brainseg's, or names a path it cannot own.
+        """
+        record = self._record()
+        return None if record is None else record["written"]
+
+    @_writes()
     def record(self, *names: str) -> None:
         """Adds paths to the record, before they are written, so a crash midway leaves them listed.
 
         A directory without a record (a run begun before brainseg kept one, a bare model folder)
         gets none: a record that missed the run's first files would pass for a complete one.
         """
-        if not self.writer or not os.path.exists(self.file(RECORD_FILE)):
+        if not os.path.exists(self.file(RECORD_FILE)):
             return
         known = self.written()
         if not set(names) <= set(known):
-            atomic.atomic_write_json(self.file(RECORD_FILE), {"written": sorted({*known, *names})})
+            for name in names:
+                self._target(name)
+            atomic.atomic_write_json(self._target(RECORD_FILE), {"written": sorted({*known, *names})})
 
+    @_writes(lambda self, folder, pattern, make: make())
     def recording(self, folder: str, pattern: str, make):
         """Returns make(), recording the entries matching `pattern` that it created in `folder`
         (relative): files whose names another library picks, as TensorFlow's event file."""
-        if not self.writer:
-            return make()
         where = self.file(folder)
         listing = lambda: set(os.listdir(where)) if os.path.isdir(where) else set()  # noqa: E731
         before = listing()
@@ -204,36 +320,55 @@ class RunDir:
         return made
 
     def _owned(self) -> list[str]:
-        """Every path --overwrite removes here: the recorded files, the checkpoint manager's own
-        checkpoints, a SavedModel export writes its marker into, and the same in each member
-        whose config.json is brainseg's.
+        """Every path --overwrite removes here, config.json and written.json last: the recorded
+        files and their temporaries, the checkpoint manager's own checkpoints, a SavedModel export
+        writes its marker into, and the same in each member that is brainseg's.
 
         A run with no record (begun before brainseg kept one) is refused rather than cleaned by
         name patterns: a pattern cannot tell the engine's eval_test.md from the user's
         eval_my_notes.md, and a refusal deletes nothing.
 
         Raises:
-          RunDirError: this run or a member has no record; nothing has been removed yet.
+          RunDirError: this run or a member has no record, or a record names a path outside
+            its folder or through a link; nothing has been removed yet.
         """
         written = self.written()
         if written is None:
             raise RunDirError(f"{self.path} holds a run written before brainseg recorded its files "
                               f"in {RECORD_FILE}, so --overwrite cannot tell its files from yours and "
                               "removes nothing: delete the folder yourself or use another --model_dir")
-        inside = [n for n in written if not os.path.isabs(n) and not os.path.normpath(n).startswith("..")]
-        temporaries = [n for n in os.listdir(self.path) if n.startswith(atomic.TMP_PREFIX) and any(
-            n.startswith(f"{atomic.TMP_PREFIX}{os.path.basename(w)}-") for w in inside + [RECORD_FILE])]
-        paths = [self.file(n) for n in inside + temporaries]
-        paths += [os.path.join(self.checkpoints, n) for n in checkpoint.owned_entries(self.checkpoints)]
-        if os.path.isfile(os.path.join(self.file(SAVED_MODEL), EXPORT_MARKER)):
+        last = [n for n in (CONFIG_FILE, RECORD_FILE) if os.path.lexists(self.file(n))]
+        paths = [self._target(n) for n in written if n not in last and os.path.lexists(self.file(n))]
+        paths += [self.file(n) for n in self._temporaries(written)]
+        paths += [os.path.join(self._target(CHECKPOINTS), n) for n in checkpoint.owned_entries(self.checkpoints)]
+        if os.path.isfile(os.path.join(self._target(SAVED_MODEL), EXPORT_MARKER)):
             paths.append(self.file(SAVED_MODEL))
-        for member in _members(self.file(MEMBERS)):
-            paths += member._owned() + [member.file(LOCK_FILE)]  # its lock went with its training
-        return paths + [self.file(RECORD_FILE)]
+        for member in _members(self._target(MEMBERS)):
+            paths += member._owned() + [member._target(LOCK_FILE)]  # its lock went with its training
+        return paths + [self.file(n) for n in last]
+
+    def _temporaries(self, written: list[str]) -> list[str]:
+        """The temporaries of the recorded files left here by a killed write: exactly the form
+        data/atomic.py gives them (`.tmp-config.json-<pid>[.json]`), never a name merely like it."""
+        ours = {os.path.basename(w): {"", os.path.splitext(w)[1]} for w in [*written, RECORD_FILE]
+                if "/" not in w}
+        found = []
+        for entry in os.listdir(self.path):
+            temporary = atomic.parse_temporary(entry)
+            if (temporary is not None and temporary.prefix == atomic.TMP_PREFIX
+                    and temporary.suffix in ours.get(temporary.name, ())
+                    and not os.path.islink(self.file(entry)) and os.path.isfile(self.file(entry))):
+                found.append(entry)
+        return found
 
     def _remove_owned(self) -> None:
-        """Deletes what _owned lists, then the folders that left empty (checkpoints/, members/<k>/)."""
+        """Deletes what _owned lists, then the folders that left empty (checkpoints/, members/<k>/).
+
+        written.json is marked first and goes last, after config.json: a kill midway leaves a
+        folder `check` recognises, which only --overwrite continues, and never resumes.
+        """
         paths = self._owned()  # every refusal comes before the first deletion
+        atomic.atomic_write_json(self._target(RECORD_FILE), {"written": self.written(), "overwriting": True})
         for path in paths:
             if os.path.isdir(path) and not os.path.islink(path):
                 shutil.rmtree(path)
@@ -246,7 +381,7 @@ class RunDir:
                 folders.add(folder)
                 folder = os.path.dirname(folder)
         for folder in sorted(folders, key=len, reverse=True):
-            if os.path.isdir(folder) and not os.listdir(folder):
+            if os.path.isdir(folder) and not os.path.islink(folder) and not os.listdir(folder):
                 os.rmdir(folder)
 
     # -- The split ------------------------------------------------------------------------------
@@ -262,11 +397,11 @@ class RunDir:
 
     # -- History and other files ----------------------------------------------------------------
 
+    @_writes()
     def append_history(self, record: dict) -> None:
-        if not self.writer:
-            return
         self.record(HISTORY_FILE)
-        with open(self.file(HISTORY_FILE), "a") as f:
+        fd = os.open(self._target(HISTORY_FILE), os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_NOFOLLOW, 0o644)
+        with os.fdopen(fd, "a") as f:
             f.write(json.dumps(record, sort_keys=True) + "\n")
             f.flush()
             os.fsync(f.fileno())
@@ -298,39 +433,39 @@ class RunDir:
             log.warning(f"{path}: dropped its last line, which is not a whole JSON record (a run "
                         f"killed while appending it): {lines[-1][1][:60]!r}")
         if self.writer and (len(records) < len(lines) or (lines and not text.endswith("\n"))):
-            atomic.atomic_write(path, "".join(json.dumps(r, sort_keys=True) + "\n" for r in records))
+            atomic.atomic_write(self._target(HISTORY_FILE),
+                                "".join(json.dumps(r, sort_keys=True) + "\n" for r in records))
         return records
 
+    @_writes()
     def truncate_history(self, last_epoch: int) -> None:
         """Drops records past the restored epoch, written before a crash hit the checkpoint."""
-        if not self.writer:
-            return
         records = self.history()
         kept = [r for r in records if r.get("epoch", 0) <= last_epoch]
         if len(kept) != len(records):
-            atomic.atomic_write(self.file(HISTORY_FILE),
+            atomic.atomic_write(self._target(HISTORY_FILE),
                                 "".join(json.dumps(r, sort_keys=True) + "\n" for r in kept))
 
+    @_writes()
     def write(self, name: str, content) -> str | None:
         """Atomically writes one of the run's files (bytes, text, or a path writer; see atomic_write)."""
-        if not self.writer:
-            return None
         self.record(name)
         suffix = os.path.splitext(name)[1]
-        return atomic.atomic_write(self.file(name), content, suffix=suffix)
+        return atomic.atomic_write(self._target(name), content, suffix=suffix)
 
+    @_writes(lambda self, name: False)
     def remove(self, name: str) -> bool:
         """Deletes one of the run's files; True if there was one."""
-        if not self.writer or not os.path.isfile(self.file(name)):
+        path = self._target(name)
+        if not os.path.isfile(path):
             return False
-        os.remove(self.file(name))
+        os.remove(path)
         return True
 
+    @_writes()
     def write_json(self, name: str, payload) -> str | None:
-        if not self.writer:
-            return None
         self.record(name)
-        return atomic.atomic_write_json(self.file(name), payload)
+        return atomic.atomic_write_json(self._target(name), payload)
 
 
 def versions() -> dict:
@@ -351,14 +486,16 @@ def _check_identity(path: str, previous: dict, config: Config) -> None:
 
 
 def _members(folder: str) -> list[RunDir]:
-    """The fold members under members/ that are brainseg's runs; any other folder is left alone."""
+    """The fold members under members/ that are brainseg's runs (a brainseg config.json, or its
+    record of a member whose config.json is gone); any other folder, and a link, is left alone."""
     if not os.path.isdir(folder):
         return []
     members = []
     for name in sorted(os.listdir(folder)):
         member = RunDir(os.path.join(folder, name))
         try:
-            ours = os.path.isdir(member.path) and member.read_config() is not None
+            ours = (os.path.isdir(member.path) and not os.path.islink(member.path)
+                    and (member.read_config() is not None or os.path.isfile(member.file(RECORD_FILE))))
         except RunDirError:
             ours = False
         if ours:

@@ -177,10 +177,18 @@ def warm_start(state: TrainState, source: str) -> CheckpointInfo:
 
 
 def scratch(run_dir: str, worker: int) -> str:
-    """A non-chief worker's checkpoint folder, emptied at start (a kill -9 leaves it behind)."""
+    """A non-chief worker's checkpoint folder, made afresh at start (a kill -9 leaves it behind).
+
+    It lies in the shared temporary folder, so what is found under its name is removed, never
+    followed: a link there (anyone's) would have the checkpoints written through it.
+    """
     digest = hashlib.sha256(os.path.abspath(run_dir).encode(errors="surrogateescape")).hexdigest()[:12]
-    path = os.path.join(tempfile.gettempdir(), f"brainseg-worker{worker}-{digest}")
-    shutil.rmtree(path, ignore_errors=True)
+    path = os.path.join(tempfile.gettempdir(), f"brainseg-{os.getuid()}-worker{worker}-{digest}")
+    if os.path.isdir(path) and not os.path.islink(path):
+        shutil.rmtree(path)
+    elif os.path.lexists(path):
+        os.remove(path)
+    os.mkdir(path, 0o700)  # fails, rather than follows, if something took the name meanwhile
     return path
 
 

@@ -24,7 +24,7 @@ from engine.config import HPARAM_FIELDS, LOCAL_FIELDS, Config, ConfigError
 from engine.controller import Controller, StopReason, StopRequest
 from engine.inference_spec import InferenceSpec
 from engine.policies import EarlyStopping, ReduceLROnPlateau
-from engine.rundir import EVENTS, FINAL_MODEL, MEMBERS, RunDir, RunDirError
+from engine.rundir import EVENTS, FINAL_MODEL, MEMBERS, RunDir, RunDirError, confined
 from engine.runtime import Runtime
 from engine.schedule import Schedule
 from engine.summaries import SummaryWriter
@@ -100,11 +100,8 @@ def _before_writing(config: Config, runtime: Runtime) -> inputs.SplitData:
     a refused command leaves the run directory as it was (or absent)."""
     state_lib.check_memory(config, config.batch_size)
     run = RunDir(config.run_dir, writer=False)
-    if os.path.exists(run.checkpoints) and not os.path.isdir(run.checkpoints):
-        raise RunDirError(f"{run.checkpoints} is a file, not the run's checkpoints folder; the run "
-                          "is left as it is: move the file away")
+    _check_folders(config, run)
     if os.path.isdir(run.path) and not config.overwrite:
-        run.read_config()  # a config.json brainseg did not write is refused here, by name
         resumable = CheckpointManager(directory=run.checkpoints).entries()
         history = [] if resumable or not runtime.is_chief else run.history()
         # One epoch recorded and no checkpoint: a kill between epoch 1's record and its save
@@ -118,20 +115,45 @@ def _before_writing(config: Config, runtime: Runtime) -> inputs.SplitData:
                 "are left as they are. Pass --overwrite to train it again from step 0, or use "
                 "another --model_dir")
         if config.restore_from and not resumable:
-            _check_restore_from(config.restore_from)
+            _check_restore_from(config)
     elif config.restore_from:
-        _check_restore_from(config.restore_from)
+        _check_restore_from(config)
     data = inputs.load_split(config, run, create=True, fresh=config.overwrite)
     train = data.part("train")
     problem = lgg_dataset.class_problem(int(train.positive.sum()), len(train.records), config.positive_fraction)
     if problem:
         raise DataError(f"{config.data_dir}: {problem}")
+    _check_batches(config, runtime, data)
     return data
 
 
-def _check_restore_from(source: str) -> None:
+def _check_folders(config: Config, run: RunDir) -> None:
+    """Refuses a run folder (or an ensemble member's) that training could not write safely:
+    links among its files, records that leave it, a user's files of the engine's names."""
+    if os.path.exists(run.checkpoints) and not os.path.isdir(run.checkpoints):
+        raise RunDirError(f"{run.checkpoints} is a file, not the run's checkpoints folder; the run "
+                          "is left as it is: move the file away")
+    run.check(overwrite=config.overwrite)
+    for k in range(config.ensemble if config.ensemble >= 2 else 0):
+        member = confined(run.path, f"{MEMBERS}/{k}", source=f"member {k} of the ensemble")
+        RunDir(member, writer=False).check(overwrite=config.overwrite)
+
+
+def _check_batches(config: Config, runtime: Runtime, data: inputs.SplitData) -> None:
+    """Refuses a global batch larger than the training slices of the model (or of any member)."""
+    pool = data.split["train"] + data.split["val"]
+    trains = ([data.split["train"]] if config.ensemble < 2 else
+              [set(pool) - set(fold) for fold in member_folds(pool, config.ensemble, seed=config.seed)])
+    for patients in trains:
+        pipeline.steps_per_epoch(len(data.dataset.indices_of(patients)), runtime.global_batch,
+                                 what="the training split")
+
+
+def _check_restore_from(config: Config) -> None:
+    """Refuses a --restore_from that holds no checkpoint, or one that does not fit the model."""
     try:
-        find_checkpoint(source)
+        info = find_checkpoint(config.restore_from)
+        restore(tf.train.Checkpoint(model=state_lib.build_model(config)), info, partial=True)
     except CheckpointError as e:
         raise ConfigError("restore_from", str(e)) from None
 

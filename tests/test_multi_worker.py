@@ -115,7 +115,7 @@ def test_two_workers_compute_what_one_process_computes_on_the_same_global_batch(
     assert "epoch 2/2" in chief_out and "epoch 1/2" not in worker_out, worker_out
     assert len([n for n in os.listdir(run_dir) if n.startswith("events.out.tfevents")]) == 1
     digest = hashlib.sha256(os.path.abspath(run_dir).encode()).hexdigest()[:12]
-    assert not os.path.exists(os.path.join(tempfile.gettempdir(), f"brainseg-worker1-{digest}"))
+    assert not os.path.exists(os.path.join(tempfile.gettempdir(), f"brainseg-{os.getuid()}-worker1-{digest}"))
 
 
 def test_sigterm_kills_and_a_lost_worker_then_resume_to_the_uninterrupted_result(reference, tmp_path):

@@ -271,6 +271,7 @@ def test_a_killed_export_leaves_nothing_the_next_export_does_not_clean(tmp_path)
     parent = tmp_path / "exports"
     (parent / f".tmp-saved_model-{dead.pid}").mkdir(parents=True)
     (parent / f".tmp-saved_model-{dead.pid}" / "saved_model.pb").write_bytes(b"half")
+    (parent / f".tmp-saved_model-{dead.pid}" / export.METADATA_FILE).write_text("{}\n")  # written first
     live = parent / f".tmp-saved_model-{os.getppid()}"  # an export running now is left alone
     live.mkdir()
     segmenter = Segmenter([model], InferenceSpec(), image_size=64, sources=["test"])
