@@ -1,0 +1,64 @@
+"""What brainseg reads back is input: its records and a user's files checked like flags, refused
+with exit 2 and one line naming the file and the field, and nothing it did not write is replaced."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import tifffile
+
+from tests.helpers import REPO, model_only_config, config_flags, pointwise_model, run_engine
+
+
+def _error_lines(stderr: str) -> list[str]:
+    """stderr without TensorFlow's C++ start-up lines, which ignore TF_CPP_MIN_LOG_LEVEL."""
+    return [line for line in stderr.splitlines() if line.strip() and not line.startswith(
+        ("I0000", "W0000", "E0000", "WARNING: All log messages"))]
+
+
+def _one_line(proc, *words) -> str:
+    """The refusal's one line, after checking exit 2, no traceback, and the words it must name."""
+    lines = _error_lines(proc.stderr)
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stdout + proc.stderr
+    assert len(lines) == 1 and all(w in lines[0] for w in words), lines
+    return lines[0]
+
+
+def _tree(folder) -> dict[str, bytes | None]:
+    """Every path under folder with its bytes (None for a folder), but the lock."""
+    return {str(p.relative_to(folder)): (p.read_bytes() if p.is_file() else None)
+            for p in sorted(folder.rglob("*")) if p.name != ".lock"}
+
+
+def _module(module: str, *args) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", module, *map(str, args)], cwd=REPO, capture_output=True,
+                          text=True, timeout=120, env={**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2"})
+
+
+def _model_dir(tmp_path, name: str = "model"):
+    """A saved 1x1-conv model at 64x64: lesion where FLAIR is bright."""
+    folder = tmp_path / name
+    folder.mkdir()
+    pointwise_model(64).save(str(folder / "final_model.keras"))
+    return folder
+
+
+# --- smaller ones ------------------------------------------------------------------------------------
+
+
+def test_a_tif_and_a_tiff_of_one_name_are_refused_by_name(tmp_path):
+    source = tmp_path / "in"
+    source.mkdir()
+    image = np.full((64, 64, 3), 30, np.uint8)
+    tifffile.imwrite(source / "a.tif", image)
+    tifffile.imwrite(source / "a.tiff", image)
+    config = model_only_config(tmp_path, image_size=64, mode="predict", model_dir=str(_model_dir(tmp_path)),
+                               input=str(source), output=str(tmp_path / "out"))
+    _one_line(run_engine(config_flags(config)), "a.tif", "a.tiff")
+    assert not (tmp_path / "out").exists()
