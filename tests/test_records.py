@@ -62,3 +62,16 @@ def test_a_tif_and_a_tiff_of_one_name_are_refused_by_name(tmp_path):
                                input=str(source), output=str(tmp_path / "out"))
     _one_line(run_engine(config_flags(config)), "a.tif", "a.tiff")
     assert not (tmp_path / "out").exists()
+
+
+def test_folds_refuses_a_csv_without_dice_and_a_patient_listed_twice(tmp_path):
+    run = tmp_path / "fold"
+    run.mkdir()
+    for text, says in (("patient,score\nTCGA_CS_0001_20000101,0.5\n", "dice"),
+                       ("patient,dice\nTCGA_CS_0001_20000101,0.5\nTCGA_CS_0001_20000101,0.9\n",
+                        "TCGA_CS_0001_20000101")):
+        (run / "per_patient_test.csv").write_text(text)
+        proc = _module("engine.folds", run)
+        assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr
+        lines = proc.stderr.strip().splitlines()
+        assert len(lines) == 1 and "per_patient_test.csv" in lines[0] and says in lines[0], lines
