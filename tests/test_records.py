@@ -75,3 +75,10 @@ def test_folds_refuses_a_csv_without_dice_and_a_patient_listed_twice(tmp_path):
         assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr
         lines = proc.stderr.strip().splitlines()
         assert len(lines) == 1 and "per_patient_test.csv" in lines[0] and says in lines[0], lines
+
+
+def test_inspect_refuses_an_infinite_positive_fraction_in_one_line(fake_lgg_tree):
+    proc = _module("data.inspect", f"--data_dir={fake_lgg_tree()}", "--positive_fraction=inf")
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and "--positive_fraction" in lines[0], lines
