@@ -82,3 +82,14 @@ def test_inspect_refuses_an_infinite_positive_fraction_in_one_line(fake_lgg_tree
     assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr
     lines = proc.stderr.strip().splitlines()
     assert len(lines) == 1 and "--positive_fraction" in lines[0], lines
+
+
+def test_lzw_compressed_slices_pass_inspect_and_load(fake_lgg_tree):
+    from data import dataset
+
+    root = fake_lgg_tree({"TCGA_CS_0001_20000101": 3, "TCGA_DU_0002_20010101": 3})
+    for path in sorted(root.rglob("*.tif")):
+        tifffile.imwrite(path, tifffile.imread(path), compression="lzw")
+    proc = _module("data.inspect", f"--data_dir={root}", "--positive_fraction=0")
+    assert proc.returncode == 0 and json.loads(proc.stdout.splitlines()[-1])["problems"] == 0, proc.stdout
+    assert len(dataset.load(str(root), cache_dir=None).records) == 6
