@@ -93,3 +93,28 @@ def test_lzw_compressed_slices_pass_inspect_and_load(fake_lgg_tree):
     proc = _module("data.inspect", f"--data_dir={root}", "--positive_fraction=0")
     assert proc.returncode == 0 and json.loads(proc.stdout.splitlines()[-1])["problems"] == 0, proc.stdout
     assert len(dataset.load(str(root), cache_dir=None).records) == 6
+
+
+def test_lower_case_patient_folders_are_found_and_paired(fake_lgg_tree, tmp_path):
+    from data import lgg
+
+    root = fake_lgg_tree({"TCGA_CS_0001_20000101": 3, "TCGA_DU_0002_20010101": 2})
+    # A tree whose names were lower-cased whole (folders and files), and one with only its folder renamed.
+    whole = root / "TCGA_CS_0001_20000101"
+    for path in whole.iterdir():
+        path.rename(whole / path.name.lower())
+    whole.rename(root / "tcga_cs_0001_20000101")
+    (root / "TCGA_DU_0002_20010101").rename(root / "tcga_du_0002_20010101")
+    records, problems = lgg.scan(str(root))
+    assert not problems
+    assert [(r.patient, r.institution, r.slice_number) for r in records] == [
+        ("tcga_cs_0001_20000101", "CS", 1), ("tcga_cs_0001_20000101", "CS", 2),
+        ("tcga_cs_0001_20000101", "CS", 3), ("tcga_du_0002_20010101", "DU", 1),
+        ("tcga_du_0002_20010101", "DU", 2)]
+    for r in records:
+        assert os.path.basename(r.mask_path).lower() == os.path.basename(r.image_path).lower()[:-4] + "_mask.tif"
+    assert lgg.clinical_id(records[0].patient) == "TCGA_CS_0001"
+    # The same patient in two folders whose names differ only in case is one patient, not two.
+    shutil.copytree(root / "tcga_du_0002_20010101", root / "TCGA_DU_0002_20010101")
+    _, problems = lgg.scan(str(root))
+    assert len(problems) == 1 and "tcga_du_0002_20010101" in str(problems[0]), problems
