@@ -22,6 +22,9 @@ _POSITIVE_FRACTION = flags.DEFINE_float(
 _CACHE_DIR = flags.DEFINE_string("cache_dir", None,
                                  "Decode cache folder to read or fill (default: no cache, so "
                                  "inspecting never writes to disk).")
+# Training's range of --positive_fraction (engine.config; not imported: data/ never imports engine).
+flags.register_validator("positive_fraction", lambda v: 0 <= v < 1,
+                         "must be in [0, 1), as training's --positive_fraction")
 
 
 def summarize(report: dataset_lib.LoadReport, *, skip_bad_slices: bool,
@@ -88,5 +91,14 @@ def main(argv) -> int:
     return 1 if record["problems"] else 0
 
 
+def parse_flags(argv: list[str]) -> list[str]:
+    """absl parsing, with a bad flag as one line and exit code 2, as engine.main does."""
+    try:
+        return flags.FLAGS(argv)
+    except flags.Error as e:
+        print(f"data.inspect: {e}", file=sys.stderr)
+        sys.exit(2)
+
+
 if __name__ == "__main__":
-    app.run(main)
+    app.run(main, flags_parser=parse_flags)

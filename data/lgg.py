@@ -7,8 +7,9 @@ import dataclasses
 import pathlib
 import re
 
-# A patient folder, e.g. TCGA_CS_4941_19960909: institution, patient id, acquisition date.
-PATIENT_DIR_RE = re.compile(r"^TCGA_([A-Za-z0-9]+)_([A-Za-z0-9]+)_(\d{8})$")
+# A patient folder, e.g. TCGA_CS_4941_19960909: institution, patient id, acquisition date. In any
+# case: a tree copied through a case-folding tool or file system reads tcga_cs_4941_19960909.
+PATIENT_DIR_RE = re.compile(r"^TCGA_([A-Za-z0-9]+)_([A-Za-z0-9]+)_(\d{8})$", re.IGNORECASE)
 # Folders that may hold the patient folders, relative to --data_dir, in the order we look.
 LAYOUTS = ("kaggle_3m", "lgg-mri-segmentation/kaggle_3m", ".")
 EXPECTED_LAYOUT = (
@@ -105,8 +106,9 @@ def find_patient_dirs(data_dir) -> list[pathlib.Path]:
 
 
 def _scan_patient(pdir: pathlib.Path) -> tuple[list[SliceRecord], list[Problem]]:
-    institution = PATIENT_DIR_RE.match(pdir.name).group(1)
-    slice_re = re.compile(r"^" + re.escape(pdir.name) + r"_(\d+)(_mask)?$")
+    institution = PATIENT_DIR_RE.match(pdir.name).group(1).upper()
+    # The slices may keep the upper-case names when only the folder was renamed, or not.
+    slice_re = re.compile(r"^" + re.escape(pdir.name) + r"_(\d+)(_mask)?$", re.IGNORECASE)
     images: dict[int, pathlib.Path] = {}
     masks: dict[int, pathlib.Path] = {}
     problems: list[Problem] = []
@@ -155,8 +157,13 @@ def scan(data_dir) -> tuple[list[SliceRecord], list[Problem]]:
     Raises:
       DataError: no patient folders were found.
     """
-    records, problems = [], []
+    records, problems, seen = [], [], {}
     for pdir in find_patient_dirs(data_dir):
+        first = seen.setdefault(pdir.name.upper(), pdir)
+        if first is not pdir:  # one patient in two folders would sit in two splits at once
+            problems.append(Problem(str(pdir), f"the same patient as {first.name} (the folder names "
+                                               "differ only in case); keep one of them"))
+            continue
         r, p = _scan_patient(pdir)
         records += r
         problems += p
@@ -204,4 +211,4 @@ def read_clinical_patients(dataset_root) -> set[str] | None:
 
 def clinical_id(patient: str) -> str:
     """Maps a folder name (TCGA_CS_4941_19960909) to its data.csv id (TCGA_CS_4941)."""
-    return patient.rsplit("_", 1)[0]
+    return patient.rsplit("_", 1)[0].upper()

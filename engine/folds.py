@@ -42,6 +42,30 @@ def _cut(run_dir: str) -> str:
                          "which cut the run's patients belong to: train the fold again") from None
 
 
+def _read_csv(path: str) -> dict[str, dict]:
+    """One run's per-patient rows: {patient: {"dice": float, ...}}, one row per patient.
+
+    Raises:
+      FoldsError: the CSV has no patient or dice column, or lists a patient twice.
+      OSError, ValueError: unreadable, or a figure that is not a number.
+    """
+    with open(path, newline="") as f:
+        reader = csv.DictReader(f)
+        rows, header = list(reader), reader.fieldnames or []
+    missing = [c for c in (PATIENT, DICE) if c not in header]
+    if missing:
+        raise FoldsError(f"{path} has no '{missing[0]}' column (its header: {', '.join(header) or 'none'}"
+                         "); it is not a per-patient CSV of --mode=evaluate")
+    scores = {}
+    for row in rows:
+        if row[PATIENT] in scores:
+            raise FoldsError(f"{path} lists patient {row[PATIENT]} twice; --mode=evaluate writes one row "
+                             "per patient: evaluate the run again")
+        scores[row[PATIENT]] = {k: float(row[k]) if row.get(k) not in (None, "") else math.nan
+                                for k in (DICE, *EXTRA) if k in row}
+    return scores
+
+
 def read_runs(run_dirs: list[str], split: str = "test") -> dict[str, dict[str, dict]]:
     """Reads each run's per-patient rows.
 
@@ -63,10 +87,7 @@ def read_runs(run_dirs: list[str], split: str = "test") -> dict[str, dict[str, d
             raise FoldsError(f"{run_dir} is given twice")
         path = os.path.join(run_dir, f"per_patient_{split}.csv")
         try:
-            with open(path, newline="") as f:
-                rows = list(csv.DictReader(f))
-            scores = {row[PATIENT]: {k: float(row[k]) if row.get(k) not in (None, "") else math.nan
-                                     for k in (DICE, *EXTRA) if k in row} for row in rows}
+            scores = _read_csv(path)
         except FileNotFoundError:
             raise FoldsError(f"{path} is missing; run --mode=evaluate --split={split} "
                              f"--model_dir={run_dir} first") from None

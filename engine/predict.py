@@ -154,6 +154,7 @@ def plan(input_dir, output_dir) -> tuple[list[Job], list[Job]]:
         relative = p.relative_to(root)
         job = Job(p, out / relative.parent / f"{p.stem}{MASK_STEM_SUFFIX}.tif")
         (protected if os.path.realpath(job.target) in ground_truth else jobs).append(job)
+    _refuse_shared_targets(jobs + protected, input_dir)
     if not jobs and not protected:
         raise DataError(f"--input={input_dir}: no image .tif files found (files ending in "
                         f"{MASK_STEM_SUFFIX}.tif are ground truth and are not predicted on)")
@@ -163,6 +164,16 @@ def plan(input_dir, output_dir) -> tuple[list[Job], list[Job]]:
                         f"({len(foreign)} such mask(s) in all); predict never replaces a mask it did "
                         f"not write (it lists its own in {RECORD_FILE}): use another --output")
     return jobs, protected
+
+
+def _refuse_shared_targets(jobs: list[Job], input_dir) -> None:
+    """Two images whose masks would be one file (a.tif and a.tiff) get no mask silently lost."""
+    first: dict[pathlib.Path, Job] = {}
+    for job in jobs:
+        other = first.setdefault(job.target, job)
+        if other is not job:
+            raise DataError(f"--input={input_dir}: {other.source} and {job.source} would both be "
+                            f"predicted into {job.target.name}; rename or move one of them")
 
 
 def recorded(output_dir) -> list[str]:

@@ -1,0 +1,120 @@
+"""What brainseg reads back is input: its records and a user's files checked like flags, refused
+with exit 2 and one line naming the file and the field, and nothing it did not write is replaced."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import tifffile
+
+from tests.helpers import REPO, model_only_config, config_flags, pointwise_model, run_engine
+
+
+def _error_lines(stderr: str) -> list[str]:
+    """stderr without TensorFlow's C++ start-up lines, which ignore TF_CPP_MIN_LOG_LEVEL."""
+    return [line for line in stderr.splitlines() if line.strip() and not line.startswith(
+        ("I0000", "W0000", "E0000", "WARNING: All log messages"))]
+
+
+def _one_line(proc, *words) -> str:
+    """The refusal's one line, after checking exit 2, no traceback, and the words it must name."""
+    lines = _error_lines(proc.stderr)
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stdout + proc.stderr
+    assert len(lines) == 1 and all(w in lines[0] for w in words), lines
+    return lines[0]
+
+
+def _tree(folder) -> dict[str, bytes | None]:
+    """Every path under folder with its bytes (None for a folder), but the lock."""
+    return {str(p.relative_to(folder)): (p.read_bytes() if p.is_file() else None)
+            for p in sorted(folder.rglob("*")) if p.name != ".lock"}
+
+
+def _module(module: str, *args) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", module, *map(str, args)], cwd=REPO, capture_output=True,
+                          text=True, timeout=120, env={**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2"})
+
+
+def _model_dir(tmp_path, name: str = "model"):
+    """A saved 1x1-conv model at 64x64: lesion where FLAIR is bright."""
+    folder = tmp_path / name
+    folder.mkdir()
+    pointwise_model(64).save(str(folder / "final_model.keras"))
+    return folder
+
+
+# --- smaller ones ------------------------------------------------------------------------------------
+
+
+def test_a_tif_and_a_tiff_of_one_name_are_refused_by_name(tmp_path):
+    source = tmp_path / "in"
+    source.mkdir()
+    image = np.full((64, 64, 3), 30, np.uint8)
+    tifffile.imwrite(source / "a.tif", image)
+    tifffile.imwrite(source / "a.tiff", image)
+    config = model_only_config(tmp_path, image_size=64, mode="predict", model_dir=str(_model_dir(tmp_path)),
+                               input=str(source), output=str(tmp_path / "out"))
+    _one_line(run_engine(config_flags(config)), "a.tif", "a.tiff")
+    assert not (tmp_path / "out").exists()
+
+
+def test_folds_refuses_a_csv_without_dice_and_a_patient_listed_twice(tmp_path):
+    run = tmp_path / "fold"
+    run.mkdir()
+    for text, says in (("patient,score\nTCGA_CS_0001_20000101,0.5\n", "dice"),
+                       ("patient,dice\nTCGA_CS_0001_20000101,0.5\nTCGA_CS_0001_20000101,0.9\n",
+                        "TCGA_CS_0001_20000101")):
+        (run / "per_patient_test.csv").write_text(text)
+        proc = _module("engine.folds", run)
+        assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr
+        lines = proc.stderr.strip().splitlines()
+        assert len(lines) == 1 and "per_patient_test.csv" in lines[0] and says in lines[0], lines
+
+
+def test_inspect_refuses_an_infinite_positive_fraction_in_one_line(fake_lgg_tree):
+    proc = _module("data.inspect", f"--data_dir={fake_lgg_tree()}", "--positive_fraction=inf")
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and "--positive_fraction" in lines[0], lines
+
+
+def test_lzw_compressed_slices_pass_inspect_and_load(fake_lgg_tree):
+    from data import dataset
+
+    root = fake_lgg_tree({"TCGA_CS_0001_20000101": 3, "TCGA_DU_0002_20010101": 3})
+    for path in sorted(root.rglob("*.tif")):
+        tifffile.imwrite(path, tifffile.imread(path), compression="lzw")
+    proc = _module("data.inspect", f"--data_dir={root}", "--positive_fraction=0")
+    assert proc.returncode == 0 and json.loads(proc.stdout.splitlines()[-1])["problems"] == 0, proc.stdout
+    assert len(dataset.load(str(root), cache_dir=None).records) == 6
+
+
+def test_lower_case_patient_folders_are_found_and_paired(fake_lgg_tree, tmp_path):
+    from data import lgg
+
+    root = fake_lgg_tree({"TCGA_CS_0001_20000101": 3, "TCGA_DU_0002_20010101": 2})
+    # A tree whose names were lower-cased whole (folders and files), and one with only its folder renamed.
+    whole = root / "TCGA_CS_0001_20000101"
+    for path in whole.iterdir():
+        path.rename(whole / path.name.lower())
+    whole.rename(root / "tcga_cs_0001_20000101")
+    (root / "TCGA_DU_0002_20010101").rename(root / "tcga_du_0002_20010101")
+    records, problems = lgg.scan(str(root))
+    assert not problems
+    assert [(r.patient, r.institution, r.slice_number) for r in records] == [
+        ("tcga_cs_0001_20000101", "CS", 1), ("tcga_cs_0001_20000101", "CS", 2),
+        ("tcga_cs_0001_20000101", "CS", 3), ("tcga_du_0002_20010101", "DU", 1),
+        ("tcga_du_0002_20010101", "DU", 2)]
+    for r in records:
+        assert os.path.basename(r.mask_path).lower() == os.path.basename(r.image_path).lower()[:-4] + "_mask.tif"
+    assert lgg.clinical_id(records[0].patient) == "TCGA_CS_0001"
+    # The same patient in two folders whose names differ only in case is one patient, not two.
+    shutil.copytree(root / "tcga_du_0002_20010101", root / "TCGA_DU_0002_20010101")
+    _, problems = lgg.scan(str(root))
+    assert len(problems) == 1 and "tcga_du_0002_20010101" in str(problems[0]), problems
