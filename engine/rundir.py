@@ -25,6 +25,7 @@ CHECKPOINTS = "checkpoints"
 FINAL_MODEL = "final_model.keras"
 INFERENCE_FILE = "inference.json"  # what evaluate, predict and export apply (inference.InferenceSpec)
 SAVED_MODEL = "saved_model"
+ONNX_EXPORT = "onnx"  # --export_format=onnx's default folder: model.onnx and its marker
 LOCK_FILE = ".lock"
 MEMBERS = "members"  # <run_dir>/members/<k>/: the run directories of an ensemble's fold members
 # The relative path of every file the engine writes in a run directory, added before the file is
@@ -225,8 +226,8 @@ class RunDir:
             n.startswith(f"{atomic.TMP_PREFIX}{os.path.basename(w)}-") for w in inside + [RECORD_FILE])]
         paths = [self.file(n) for n in inside + temporaries]
         paths += [os.path.join(self.checkpoints, n) for n in checkpoint.owned_entries(self.checkpoints)]
-        if os.path.isfile(os.path.join(self.file(SAVED_MODEL), EXPORT_MARKER)):
-            paths.append(self.file(SAVED_MODEL))
+        paths += [self.file(n) for n in (SAVED_MODEL, ONNX_EXPORT)
+                  if os.path.isfile(os.path.join(self.file(n), EXPORT_MARKER))]
         for member in _members(self.file(MEMBERS)):
             paths += member._owned() + [member.file(LOCK_FILE)]  # its lock went with its training
         return paths + [self.file(RECORD_FILE)]
