@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import importlib.util
 import json
 import os
@@ -156,6 +157,27 @@ def test_an_export_that_fails_its_check_leaves_the_previous_one(run, tmp_path, m
     proc = run_engine(flags)
     assert proc.returncode == 2
     assert "not trustworthy and was not written" in proc.stderr
+    assert _snapshot(target) == before
+    assert sorted(os.listdir(tmp_path)) == ["export"]
+
+
+@needs_onnx
+def test_a_full_disk_is_one_line_and_keeps_the_previous_export(run, tmp_path, monkeypatch):
+    import onnx
+
+    _, config = run
+    target = tmp_path / "export"
+    flags = config_flags(config) + [f"--export_dir={target}"]
+    assert run_engine(flags).returncode == 0
+    before = _snapshot(target)
+
+    def full(proto, path, *args, **kwargs):
+        raise OSError(errno.ENOSPC, "No space left on device", path)
+
+    monkeypatch.setattr(onnx, "save", full)
+    proc = run_engine(flags)
+    assert proc.returncode == 1
+    assert "No space left on device" in proc.stderr and "Traceback" not in proc.stderr
     assert _snapshot(target) == before
     assert sorted(os.listdir(tmp_path)) == ["export"]
 
