@@ -16,6 +16,7 @@ SPLITS = ("train", "val", "test", "all")
 BENCHMARK_DATA = ("synthetic", "pipeline")
 MONITORS = ("val_loss", "val_dice", "val_iou")
 LR_SCHEDULES = ("plateau", "cosine")
+EXPORT_FORMATS = ("saved_model", "onnx")
 NORMALIZE = ("none", "volume")  # data.volume.NORMALIZE; not imported, so --help needs no TensorFlow
 # The slices are 256x256: a model input beyond twice that only interpolates, at 4x the memory.
 MAX_IMAGE_SIZE = 512
@@ -125,7 +126,7 @@ class Config:
     """Every setting of a run; built once from flags, then passed around as values."""
 
     mode: str = _field("train", "What to do: train, evaluate (a split), predict (a folder), "
-                       "export (SavedModel), benchmark.", _one_of(MODES))
+                       "export (SavedModel or ONNX), benchmark.", _one_of(MODES))
     # Data.
     data_dir: str = _field("source_data", "Folder holding kaggle_3m (or lgg-mri-segmentation/kaggle_3m, "
                            "or patient folders).", identity=True, local=True)
@@ -274,7 +275,14 @@ class Config:
                                        _at_least(0, 256 * 256 * 256))
     keep_largest_component: bool = _field(False, "Post-processing: keep only the largest 3D component "
                                           "per patient.")
-    export_dir: str = _field("", "--mode=export: SavedModel folder ('' = <run_dir>/saved_model).", _utf8)
+    export_dir: str = _field("", "--mode=export: the export's folder ('' = <run_dir>/saved_model, or "
+                             "<run_dir>/onnx with --export_format=onnx).", _utf8)
+    export_format: str = _field("saved_model", "--mode=export: saved_model writes a TensorFlow "
+                                "SavedModel (signature serving_default); onnx writes model.onnx for "
+                                "ONNX Runtime (needs pip install -e \".[onnx]\"). Both take uint8 "
+                                "[slices, 256, 256, 3] images and return float32 probabilities, with "
+                                "the run's normalisation, TTA and members inside; the threshold and "
+                                "post-processing go into brainseg_export.json.", _one_of(EXPORT_FORMATS))
     # Benchmark.
     benchmark_data: str = _field("synthetic", f"One of {', '.join(BENCHMARK_DATA)}: device-resident "
                                  "random batches or the real input pipeline.", _one_of(BENCHMARK_DATA))
@@ -393,6 +401,11 @@ def validate(config: Config) -> Config:
     _require(c.bce_weight + c.dice_weight > 0, "bce_weight",
              "--bce_weight and --dice_weight must not both be 0")
     _require(bool(c.data_dir), "data_dir", "must not be empty")
+    if c.mode == "export" and c.export_format == "onnx":
+        # ONNX Runtime's CPU kernels are float32: a float16 or bfloat16 graph would not run there.
+        _require(c.precision in ("auto", "float32"), "precision",
+                 f"--export_format=onnx exports in float32; use --precision=float32 or auto, "
+                 f"got {c.precision}")
     if c.mode == "predict":
         _require(bool(c.input), "input", "--mode=predict needs --input=DIR (a folder of .tif slices)")
         _require(bool(c.output), "output", "--mode=predict needs --output=DIR")

@@ -66,6 +66,25 @@ def export_saved_model(segmenter: Segmenter, export_dir: str, *, metadata: dict 
       RunDirError: export_dir (or a folder above it) is a file, or holds something that is not
         brainseg's export; nothing is changed.
     """
+    def fill(tmp: str) -> None:
+        module = ServingModule(segmenter)
+        tf.saved_model.save(module, tmp, signatures={SIGNATURE: module.serve})
+        with open(os.path.join(tmp, METADATA_FILE), "w") as f:
+            json.dump({"format": "saved_model", "signature": SIGNATURE, **marker(segmenter),
+                       **(metadata or {})}, f, indent=2, sort_keys=True)
+
+    return write_export(export_dir, fill)
+
+
+def write_export(export_dir: str, fill) -> str:
+    """Puts a new export at export_dir in one rename: `fill(tmp)` writes it into a temporary
+    folder beside export_dir, which then replaces a previous export of brainseg's.
+
+    Raises:
+      RunDirError: export_dir (or a folder above it) is a file, or holds something that is not
+        brainseg's export; nothing is changed.
+      OSError: a write failed (or whatever `fill` raises); the previous export, if any, is intact.
+    """
     export_dir = os.path.abspath(export_dir)
     check_target(export_dir)
     parent = os.path.dirname(export_dir)
@@ -80,21 +99,10 @@ def export_saved_model(segmenter: Segmenter, export_dir: str, *, metadata: dict 
     for path in removed:
         log.info(f"Removed {path}, left by an export that was killed")
     tmp = atomic.temporary_dir(export_dir)
-    spec = segmenter.spec
     try:
         with open(os.path.join(tmp, METADATA_FILE), "w") as f:
-            f.write("{}\n")  # replaced below; marks the folder as this export's until then
-        module = ServingModule(segmenter)
-        tf.saved_model.save(module, tmp, signatures={SIGNATURE: module.serve})
-        with open(os.path.join(tmp, METADATA_FILE), "w") as f:
-            json.dump({"signature": SIGNATURE,
-                       "input": {INPUT_NAME: f"uint8 [batch, {SERVING_SIZE}, {SERVING_SIZE}, 3]"
-                                 + (": the slices of one volume, in slice order"
-                                    if spec.normalize != "none" or spec.neighbours else "")},
-                       "output": {OUTPUT_NAME: f"float32 [batch, {SERVING_SIZE}, {SERVING_SIZE}, 1]"},
-                       "model_image_size": segmenter.image_size, "members": len(segmenter.models),
-                       "inference": spec.to_json(), "threshold": spec.threshold,
-                       "tensorflow": tf.__version__, **(metadata or {})}, f, indent=2, sort_keys=True)
+            f.write("{}\n")  # fill replaces it last; until then it marks the folder as this export's
+        fill(tmp)
         atomic.swap_in_dir(tmp, export_dir)
     except tf.errors.OpError as e:  # TensorFlow's own file writes: a full or read-only disk
         shutil.rmtree(tmp, ignore_errors=True)
@@ -104,6 +112,17 @@ def export_saved_model(segmenter: Segmenter, export_dir: str, *, metadata: dict 
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return export_dir
+
+
+def marker(segmenter: Segmenter) -> dict:
+    """What brainseg_export.json says of any export: the contract, and what a client applies after."""
+    spec = segmenter.spec
+    return {"input": {INPUT_NAME: f"uint8 [batch, {SERVING_SIZE}, {SERVING_SIZE}, 3]"
+                      + (": the slices of one volume, in slice order"
+                         if spec.normalize != "none" or spec.neighbours else "")},
+            "output": {OUTPUT_NAME: f"float32 [batch, {SERVING_SIZE}, {SERVING_SIZE}, 1]"},
+            "model_image_size": segmenter.image_size, "members": len(segmenter.models),
+            "inference": spec.to_json(), "threshold": spec.threshold, "tensorflow": tf.__version__}
 
 
 def check_target(export_dir: str) -> None:
@@ -124,8 +143,9 @@ def check_target(export_dir: str) -> None:
                           "it (choose another --export_dir)")
     if (os.path.isdir(export_dir) and os.listdir(export_dir)
             and not os.path.isfile(os.path.join(export_dir, METADATA_FILE))):
-        raise RunDirError(f"--export_dir={export_dir} is not a SavedModel brainseg exported (it has no "
-                          f"{METADATA_FILE}); refusing to replace it: choose another --export_dir")
+        raise RunDirError(f"--export_dir={export_dir} is not a SavedModel or ONNX model brainseg exported "
+                          f"(it has no {METADATA_FILE}); refusing to replace it: choose another "
+                          "--export_dir")
 
 
 def _alive(pid: int) -> bool:
@@ -147,8 +167,9 @@ def check_export(export_dir: str, segmenter: Segmenter, *, seed: int = 0) -> flo
 
 
 def run(config: Config, runtime: Runtime) -> str:
-    """Exports the run's model (or --checkpoint) to --export_dir, default <run_dir>/saved_model, in
-    the runtime's precision (float32 unless --precision says otherwise).
+    """Exports the run's model (or --checkpoint) to --export_dir, default <run_dir>/saved_model
+    (with --export_format=onnx: engine.export_onnx.run), in the runtime's precision (float32 unless
+    --precision says otherwise).
 
     The serving function is the engine's own inference core, so a client needs only TensorFlow:
 
@@ -164,6 +185,9 @@ def run(config: Config, runtime: Runtime) -> str:
       RunDirError: --export_dir is a file or under one, holds something that is not
         brainseg's export, or the reloaded export disagrees with the engine.
     """
+    if config.export_format == "onnx":
+        from engine import export_onnx  # only here: its packages are an optional extra
+        return export_onnx.run(config, runtime)
     export_dir = os.path.abspath(config.export_dir or os.path.join(config.run_dir, rundir.SAVED_MODEL))
     check_target(export_dir)  # before the model loads: a refusal does no work
     segmenter = segmenter_lib.segmenter(config, precision=runtime.precision)

@@ -35,6 +35,7 @@ HISTORY_FILE = "history.jsonl"
 FINAL_MODEL = "final_model.keras"
 INFERENCE_FILE = "inference.json"  # what evaluate, predict and export apply (inference.InferenceSpec)
 SAVED_MODEL = "saved_model"
+ONNX_EXPORT = "onnx"  # --export_format=onnx's default folder: model.onnx and its marker
 LOCK_FILE = ".lock"
 MEMBERS = "members"  # <run_dir>/members/<k>/: the run directories of an ensemble's fold members
 # The relative path of every file the engine writes in a run directory, added before the file is
@@ -341,8 +342,8 @@ class RunDir:
         paths = [self._target(n) for n in written if n not in last and os.path.lexists(self.file(n))]
         paths += [self.file(n) for n in self._temporaries(written)]
         paths += [os.path.join(self._target(CHECKPOINTS), n) for n in checkpoint.owned_entries(self.checkpoints)]
-        if os.path.isfile(os.path.join(self._target(SAVED_MODEL), EXPORT_MARKER)):
-            paths.append(self.file(SAVED_MODEL))
+        paths += [self.file(n) for n in (SAVED_MODEL, ONNX_EXPORT)
+                  if os.path.isfile(os.path.join(self._target(n), EXPORT_MARKER))]
         for member in _members(self._target(MEMBERS)):
             paths += member._owned() + [member._target(LOCK_FILE)]  # its lock went with its training
         return paths + [self.file(n) for n in last]
