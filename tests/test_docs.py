@@ -181,3 +181,12 @@ def test_readme_is_a_short_guide_whose_test_command_is_what_ci_runs():
     commands = [line.strip() for line in readme.splitlines()]
     assert _ci_test_command() in commands, (
         f"README.md's test command must be .ci/run's, as a line of its own: {_ci_test_command()}")
+
+
+def test_readme_lists_the_exit_codes_the_engine_ends_with():
+    from engine.controller import StopReason
+
+    section = _sections((ROOT / "README.md").read_text(), ("## Exit codes",))
+    listed = {int(code) for row in re.findall(r"(?m)^\| ([\d, ]+) \|", section) for code in row.split(",")}
+    # 0 done, 1 failed while running, 2 bad input (engine.main.fail), and each signal's code.
+    assert listed == {0, 1, 2} | {reason.exit_code for reason in StopReason}
