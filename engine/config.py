@@ -259,12 +259,16 @@ class Config:
                                         "final model.")
     # Evaluation, prediction, export.
     split: str = _field("test", "What --mode=evaluate scores: the run's train, val or test split, or all: "
-                        "every patient of --data_dir (any labelled kaggle_3m folder; no split.json "
-                        "needed).", _one_of(SPLITS))
+                        "every patient of --data_dir (any labelled kaggle_3m folder, or folder of "
+                        "<patient>.nii.gz with <patient>_mask.nii.gz; no split.json needed).",
+                        _one_of(SPLITS))
     surface_tolerance: float = _field(2.0, "Evaluation: tolerance of the normalised surface Dice, in "
-                                      "pixels.", _at_least(0.0, 256.0))
-    input: str = _field("", "--mode=predict: a kaggle_3m-style folder or a folder of .tif slices.")
-    output: str = _field("", "--mode=predict: where the <name>_mask.tif files go (may be --input).")
+                                      "pixels (mm for NIfTI volumes that give a spatial unit).",
+                                      _at_least(0.0, 256.0))
+    input: str = _field("", "--mode=predict: a kaggle_3m-style folder or a folder of .tif slices; "
+                        "or a .nii/.nii.gz volume or a folder of them.")
+    output: str = _field("", "--mode=predict: where the <name>_mask.tif (or <name>_mask.nii.gz) files "
+                         "go (may be --input).")
     checkpoint: str = _field("", "Model to use for evaluate/predict/export instead of the run's final "
                              "model.", _utf8)
     tta: bool = _field(False, "Average predictions over flips (test-time augmentation).")
@@ -407,6 +411,6 @@ def validate(config: Config) -> Config:
                  f"--export_format=onnx exports in float32; use --precision=float32 or auto, "
                  f"got {c.precision}")
     if c.mode == "predict":
-        _require(bool(c.input), "input", "--mode=predict needs --input=DIR (a folder of .tif slices)")
+        _require(bool(c.input), "input", "--mode=predict needs --input=DIR (a folder of .tif slices, or NIfTI volumes)")
         _require(bool(c.output), "output", "--mode=predict needs --output=DIR")
     return c

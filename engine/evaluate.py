@@ -14,7 +14,7 @@ import time
 import numpy as np
 import tensorflow as tf
 
-from data import lgg
+from data import lgg, nifti
 from data.dataset import LggDataset
 from data.lgg import DataError
 from engine import inputs, report, segmenter as segmenter_lib
@@ -48,13 +48,15 @@ def predict_patients(segmenter: Segmenter, dataset: LggDataset, *, batch_size: i
     return pred
 
 
-def score(dataset: LggDataset, predictions: np.ndarray, *, tolerance: float = 2.0) -> tuple[dict, list[dict]]:
+def score(dataset: LggDataset, predictions: np.ndarray, *, tolerance: float = 2.0,
+          spacing: dict | None = None) -> tuple[dict, list[dict]]:
     """The evaluation figures of boolean predictions against the dataset's masks.
 
     Args:
       dataset: the evaluated slices (records and masks).
       predictions: bool [N, H, W], aligned with dataset.masks.
-      tolerance: of the normalised surface Dice, in pixels.
+      tolerance: of the normalised surface Dice, in pixels (mm with a spacing).
+      spacing: {patient: (slice, row, col) mm}, for surface distances in mm; None: in pixels.
 
     Returns:
       (summary, rows). rows: one dict per patient with the CSV_FIELDS (models.metrics). summary:
@@ -72,7 +74,8 @@ def score(dataset: LggDataset, predictions: np.ndarray, *, tolerance: float = 2.
     rows = []
     for patient, idx in dataset.patient_slices.items():
         rows.append({"patient": patient, "institution": dataset.records[idx[0]].institution,
-                     "slices": len(idx), **metrics.patient_metrics(pred[idx], target[idx], tolerance=tolerance)})
+                     "slices": len(idx), **metrics.patient_metrics(pred[idx], target[idx], tolerance=tolerance,
+                                                                   spacing=(spacing or {}).get(patient))})
     dice, iou = losses.dice_iou({"intersection": int((pred & target).sum()), "predicted": int(pred.sum()),
                                  "target": int(target.sum())})
     total = lambda key: int(sum(r[key] for r in rows))  # noqa: E731
@@ -141,7 +144,8 @@ def _data(config: Config, run: RunDir) -> LggDataset:
         if not data.split[config.split]:
             raise DataError(f"{run.file(SPLIT_FILE)}: the {config.split} split has no patients")
         return data.part(config.split)
-    dataset = inputs.load_dataset(config)
+    dataset = (nifti.load_dataset(config.data_dir) if nifti.holds_volumes(config.data_dir)
+               else inputs.load_dataset(config))
     stored = run.read_split() or {}
     trained = {p for key in ("train", "val") for p in stored.get(key, []) if isinstance(p, str)}
     seen = sorted(set(dataset.patients) & trained)
@@ -187,11 +191,12 @@ def run(config: Config, runtime: Runtime) -> dict:
     batch_size = config.eval_batch
     predictions = predict_patients(segmenter, subset, batch_size=batch_size)
     predicted = time.perf_counter()
-    summary, rows = score(subset, predictions, tolerance=config.surface_tolerance)
+    spacing = getattr(subset, "spacing", None)  # NIfTI volumes that give a spatial unit
+    summary, rows = score(subset, predictions, tolerance=config.surface_tolerance, spacing=spacing)
     try:
         clinical = lgg.read_clinical_table(lgg.find_dataset_root(config.data_dir))
-    except DataError:
-        clinical = None
+    except DataError:  # a folder of NIfTI volumes holds its data.csv itself
+        clinical = lgg.read_clinical_table(config.data_dir)
     groups = group_rows(rows, clinical)
 
     name = config.split
@@ -203,6 +208,7 @@ def run(config: Config, runtime: Runtime) -> dict:
         "split": name, "threshold": segmenter.spec.threshold, "image_size": segmenter.image_size,
         "original_size": list(subset.masks.shape[1:3]), "inference": segmenter.describe(),
         "inference_spec": segmenter.spec.to_json(), "surface_tolerance": config.surface_tolerance,
+        "distance_unit": "mm" if spacing else "px",
         "model": segmenter.sources, "data_dir": os.path.abspath(config.data_dir), "command": command,
         "groups": groups, "figures": figures, "plot": plot,
         "seconds_inference": predicted - start, "seconds_metrics": time.perf_counter() - predicted,

@@ -102,8 +102,8 @@ def run(config) -> int:
             from engine import evaluate
             evaluate.run(config, rt)
         elif config.mode == "predict":
-            from engine import predict
-            return predict.run(config, rt)
+            from engine import predict, predict_nifti
+            return (predict_nifti if predict_nifti.wants(config.input) else predict).run(config, rt)
         elif config.mode == "export":
             from engine import export
             export.run(config, rt)

@@ -24,6 +24,14 @@ METRICS = (
 )
 
 
+_UNITS = {"px": "pixels", "mm": "mm (the NIfTI volumes' voxel spacing)"}
+
+
+def _unit(name: str, key: str, summary: dict) -> str:
+    """A distance metric's name in the evaluation's unit (mm where NIfTI volumes give spacing)."""
+    return name.replace("(px)", f"({summary.get('distance_unit', 'px')})") if key in ("hd95", "assd") else name
+
+
 def fmt(value, digits: int = 4) -> str:
     if value is None or (isinstance(value, float) and math.isnan(value)):
         return "n/a"
@@ -99,7 +107,7 @@ def evaluation_table(summary: dict, rows: list[dict]) -> str:
     s = summary
     lines = [f"{'metric (per patient)':<30}{'mean':>9}{'95% CI':>19}{'median':>9}"]
     for key, name, digits in METRICS:
-        m = s["metrics"][key]
+        m, name = s["metrics"][key], _unit(name, key, s)
         lines.append(f"{name:<30}{fmt(m['mean'], digits):>9}  [{fmt(m['ci_low'], digits)}, "
                      f"{fmt(m['ci_high'], digits)}]".ljust(58) + f"{fmt(m['median'], digits):>9}")
     lines += [
@@ -121,11 +129,11 @@ def evaluation_table(summary: dict, rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
-def _group_table(groups: dict) -> list[str]:
+def _group_table(groups: dict, unit: str = "px") -> list[str]:
     lines = []
     for grouping, members in groups.items():
         lines += ["", f"### By {grouping}", "",
-                  "| group | patients | Dice mean [95% CI] | Dice median | HD95 median (px) | lesion F1 |",
+                  f"| group | patients | Dice mean [95% CI] | Dice median | HD95 median ({unit}) | lesion F1 |",
                   "|---|---|---|---|---|---|"]
         for name, m in members.items():
             d = m["dice"]
@@ -143,19 +151,20 @@ def markdown(summary: dict, groups: dict, *, plot: str, command: str) -> str:
              f"- inference: {s['inference']}",
              f"- command: `{command}`",
              f"- scored at {s['original_size'][0]}x{s['original_size'][1]} per patient (3D volume); "
-             f"surface metrics in pixels, surface Dice at {s['surface_tolerance']:g} px; "
+             f"surface metrics in {_UNITS[s.get('distance_unit', 'px')]}, surface Dice at "
+             f"{s['surface_tolerance']:g} {s.get('distance_unit', 'px')}; "
              "intervals: 95% bootstrap over patients", "",
              "## Summary", "",
              "| metric (per patient) | mean | 95% CI | median |", "|---|---|---|---|"]
     for key, name, digits in METRICS:
-        m = s["metrics"][key]
+        m, name = s["metrics"][key], _unit(name, key, s)
         lines.append(f"| {name} | {fmt(m['mean'], digits)} | [{fmt(m['ci_low'], digits)}, "
                      f"{fmt(m['ci_high'], digits)}] | {fmt(m['median'], digits)} |")
     lines += ["", f"False positives on lesion-free slices: {s['false_positive_slices']} of "
                   f"{s['empty_slices']} ({fmt(s['empty_slice_fp_rate'])}). Dice over all pixels of the "
                   f"split: {fmt(s['dice'])}. Lesions found: {s['lesions_tp']} true, {s['lesions_fp']} "
                   f"false, {s['lesions_fn']} missed.", "", "## Groups"]
-    lines += _group_table(groups)
+    lines += _group_table(groups, s.get("distance_unit", "px"))
     lines += ["", "## Per-patient Dice", "", f"![per-patient Dice]({plot})", "",
               "## Best and worst patient", ""]
     for which in ("best", "worst"):

@@ -4,7 +4,7 @@ Definitions follow MONAI's (compute_hausdorff_distance, compute_average_surface_
 compute_surface_dice) and the Medical Segmentation Decathlon: a mask's surface is its voxels
 that touch the background (26-neighbourhood); distances are Euclidean, in pixels, between the
 two surfaces, computed with scipy's exact distance transform. The Kaggle TIFFs carry no voxel
-spacing, so slices are taken as 1 pixel apart.
+spacing, so slices are taken as 1 pixel apart; given a spacing (NIfTI volumes), distances are in mm.
 
 Where MONAI returns NaN, a defined value is returned instead, so that every patient counts:
   - both masks empty: Dice, IoU and surface Dice 1, HD95 and ASSD 0 (nothing to find, nothing found);
@@ -29,9 +29,10 @@ def _check(pred, target) -> tuple[np.ndarray, np.ndarray]:
     return pred, target
 
 
-def diagonal(shape) -> float:
-    """The largest distance between two voxels of a volume of this shape, in pixels."""
-    return float(math.sqrt(sum((s - 1) ** 2 for s in shape)))
+def diagonal(shape, spacing=None) -> float:
+    """The largest distance between two voxels of a volume of this shape, in pixels (or mm)."""
+    spacing = spacing or (1.0,) * len(shape)
+    return float(math.sqrt(sum(((s - 1) * d) ** 2 for s, d in zip(shape, spacing))))
 
 
 def _surface(mask: np.ndarray) -> np.ndarray:
@@ -40,7 +41,7 @@ def _surface(mask: np.ndarray) -> np.ndarray:
     return mask & ~eroded
 
 
-def surface_distances(pred, target) -> tuple[np.ndarray, np.ndarray]:
+def surface_distances(pred, target, spacing=None) -> tuple[np.ndarray, np.ndarray]:
     """Distances from each surface voxel of pred to target's surface, and back (both non-empty).
 
     Both surfaces lie inside the bounding box of pred | target, and so does the nearest target
@@ -52,17 +53,18 @@ def surface_distances(pred, target) -> tuple[np.ndarray, np.ndarray]:
     box = tuple(slice(max(0, lo - 1), hi + 2) for lo, hi in
                 ((np.min(i), np.max(i)) for i in np.nonzero(both)))
     sp, st = _surface(pred[box]), _surface(target[box])
-    to_target = ndimage.distance_transform_edt(~st)
-    to_pred = ndimage.distance_transform_edt(~sp)
+    to_target = ndimage.distance_transform_edt(~st, sampling=spacing)
+    to_pred = ndimage.distance_transform_edt(~sp, sampling=spacing)
     return to_target[sp], to_pred[st]
 
 
-def volume_metrics(pred, target, *, tolerance: float = 2.0) -> dict[str, float]:
+def volume_metrics(pred, target, *, tolerance: float = 2.0, spacing=None) -> dict[str, float]:
     """Overlap, surface and volume figures of one patient's predicted and true lesion masks.
 
     Args:
       pred, target: boolean [D, H, W] volumes, slices in order, at the original resolution.
-      tolerance: normalised surface Dice counts surface voxels within this many pixels.
+      tolerance: normalised surface Dice counts surface voxels within this many pixels (or mm).
+      spacing: (slice, row, col) voxel spacing in mm, or None for distances in pixels.
 
     Returns:
       dice, iou, hd95 (95th-percentile symmetric Hausdorff distance), assd (average symmetric
@@ -76,8 +78,9 @@ def volume_metrics(pred, target, *, tolerance: float = 2.0) -> dict[str, float]:
         return {**out, "dice": 1.0, "iou": 1.0, "hd95": 0.0, "assd": 0.0, "surface_dice": 1.0}
     out.update(dice=2.0 * inter / (p + t), iou=inter / (p + t - inter))
     if p == 0 or t == 0:
-        return {**out, "hd95": diagonal(pred.shape), "assd": diagonal(pred.shape), "surface_dice": 0.0}
-    a, b = surface_distances(pred, target)
+        far = diagonal(pred.shape, spacing)
+        return {**out, "hd95": far, "assd": far, "surface_dice": 0.0}
+    a, b = surface_distances(pred, target, spacing)
     out.update(hd95=float(max(np.percentile(a, 95), np.percentile(b, 95))),
                assd=float((a.sum() + b.sum()) / (len(a) + len(b))),
                surface_dice=float(((a <= tolerance).sum() + (b <= tolerance).sum()) / (len(a) + len(b))))
@@ -123,9 +126,9 @@ def slice_errors(pred, target) -> dict[str, float]:
             "positive_slice_dice": float(dice.mean()) if len(dice) else math.nan}
 
 
-def patient_metrics(pred, target, *, tolerance: float = 2.0) -> dict[str, float]:
+def patient_metrics(pred, target, *, tolerance: float = 2.0, spacing=None) -> dict[str, float]:
     """Every per-patient figure the evaluation reports (see the functions above)."""
-    return {**volume_metrics(pred, target, tolerance=tolerance), **lesion_detection(pred, target),
+    return {**volume_metrics(pred, target, tolerance=tolerance, spacing=spacing), **lesion_detection(pred, target),
             **slice_errors(pred, target)}
 
 
