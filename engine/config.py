@@ -23,11 +23,12 @@ MAX_IMAGE_SIZE = 512
 
 
 class ConfigError(ValueError):
-    """A bad flag value; the message names the flag."""
+    """A bad flag value; the message names the flag, or the file and field of a stored config."""
 
-    def __init__(self, flag: str, message: str):
-        super().__init__(f"--{flag}: {message}")
-        self.flag = flag
+    def __init__(self, flag: str, message: str, *, source: str | None = None):
+        super().__init__(f"{source}: {flag} {message}; fix the field, or train the run again with "
+                         "--overwrite" if source else f"--{flag}: {message}")
+        self.flag, self.message, self.source = flag, message, source
 
 
 @dataclasses.dataclass(frozen=True)
@@ -361,6 +362,52 @@ def _require(ok: bool, flag: str, message: str) -> None:
         raise ConfigError(flag, message)
 
 
+_KINDS = {bool: "true or false", int: "an integer", float: "a number", str: "text"}
+
+
+def field_problem(name: str, value) -> str | None:
+    """What is wrong with a value of a Config field (its type, finiteness, its range), or None.
+
+    Flags arrive typed by absl; a value read back from a file (a run's config.json or
+    inference.json) may be any JSON, so its type is checked here first, as strictly: "false" is
+    not false, 2.0 is not an integer.
+    """
+    kind = type(FIELDS[name].default)
+    typed = (isinstance(value, bool) if kind is bool else type(value) is int if kind is int
+             else type(value) in (int, float) if kind is float else isinstance(value, kind))
+    if not typed:
+        return f"must be {_KINDS[kind]}, got {value!r}"
+    if kind is float and not math.isfinite(value):
+        return f"must be a finite number, got {value}"
+    check = FIELDS[name].metadata["check"]
+    return check(value) if check else None
+
+
+def from_record(values: dict, source: str) -> Config:
+    """A run's stored flags (the "config" of its config.json) as a Config, checked like flags.
+
+    A field the record lacks (the run predates it) takes its default; a field this version no
+    longer has is ignored.
+
+    Args:
+      values: the stored field values.
+      source: the file they came from, named in the error.
+
+    Raises:
+      ConfigError: naming the file and the first bad field (message `<source>: <field> ...`).
+    """
+    known = {name: value for name, value in values.items() if name in FIELDS}
+    for name, value in known.items():
+        problem = field_problem(name, value)
+        if problem:
+            raise ConfigError(name, problem, source=source)
+    known = {k: float(v) if type(FIELDS[k].default) is float else v for k, v in known.items()}
+    try:
+        return validate(Config(**known))
+    except ConfigError as e:
+        raise ConfigError(e.flag, e.message, source=source) from None
+
+
 def validate(config: Config) -> Config:
     """Checks every value once, so nothing deeper has to.
 
@@ -377,12 +424,8 @@ def validate(config: Config) -> Config:
       ConfigError: naming the first bad flag and what is wrong with it.
     """
     c = config
-    for name, field in FIELDS.items():
-        value = getattr(c, name)
-        if isinstance(value, float):
-            _require(math.isfinite(value), name, f"must be a finite number, got {value}")
-        check = field.metadata["check"]
-        problem = check(value) if check else None
+    for name in FIELDS:
+        problem = field_problem(name, getattr(c, name))
         _require(problem is None, name, problem or "")
     # XLA's CPU backend is a single device: a step compiled for one logical CPU cannot touch
     # the variables of another (Keras fit fails the same way). GPUs are separate XLA devices.

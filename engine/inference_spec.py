@@ -3,11 +3,11 @@
 from __future__ import annotations
 
 import dataclasses
+import functools
 import os
 
 from data import atomic
-from engine.checkpoint import CheckpointError
-from engine.config import NORMALIZE
+from engine.config import field_problem
 from engine.rundir import FINAL_MODEL, INFERENCE_FILE, RunDirError
 
 THRESHOLD = 0.5
@@ -56,35 +56,28 @@ class InferenceSpec:
         for name, value in payload.items():
             problem = _SPEC_CHECKS[name](value)
             if problem:
-                raise RunDirError(f"{source}: {name} {problem}, got {value!r}; fix it, or remove the "
-                                  "file to use the run's config.json")
+                raise RunDirError(f"{source}: {name} {problem}; fix it, or remove the file to use "
+                                  "the run's config.json")
         return cls(**{**payload, "members": tuple(payload["members"])})
 
 
-def _integer(low: int, high: int):
-    return lambda v: None if type(v) is int and low <= v <= high else f"must be an integer in [{low}, {high}]"
+def _check(accepts, wording: str):
+    return lambda v: None if accepts(v) else f"{wording}, got {v!r}"
 
 
-def _flag(v) -> str | None:
-    return None if isinstance(v, bool) else "must be true or false"
+def _members(v) -> bool:
+    return bool(isinstance(v, list) and v and all(isinstance(m, str) and m and not os.path.isabs(m)
+                                                  and ".." not in m.split("/") for m in v))
 
 
-def _members(v) -> str | None:
-    ok = isinstance(v, list) and v and all(isinstance(m, str) and m and not os.path.isabs(m)
-                                           and ".." not in m.split("/") for m in v)
-    return None if ok else "must be a non-empty list of model files inside the run directory"
-
-
+# The fields the flags also have are checked as the flags are: type, then range (engine.config).
+_FLAG_FIELDS = ("normalize", "neighbours", "tta", "min_component_size", "min_component_voxels",
+                "keep_largest_component")
 _SPEC_CHECKS = {
-    "members": _members,
-    "normalize": lambda v: None if v in NORMALIZE else f"must be one of {', '.join(NORMALIZE)}",
-    "neighbours": _integer(0, 3),
-    "tta": _flag,
-    "threshold": lambda v: None if type(v) in (int, float) and 0 < v < 1 else "must be a number in (0, 1)",
-    "min_component_size": _integer(0, 10**9),
-    "min_component_voxels": _integer(0, 10**9),
-    "keep_largest_component": _flag,
-    "chosen_on": lambda v: None if isinstance(v, str) else "must be text",
+    "members": _check(_members, "must be a non-empty list of model files inside the run directory"),
+    "threshold": _check(lambda v: type(v) in (int, float) and 0 < v < 1, "must be a number in (0, 1)"),
+    "chosen_on": _check(lambda v: isinstance(v, str), "must be text"),
+    **{name: functools.partial(field_problem, name) for name in _FLAG_FIELDS},
 }
 
 
@@ -101,5 +94,7 @@ def spec_for(config, *, members=(FINAL_MODEL,), chosen_on: str = "the flags") ->
 def read_spec(run_dir: str) -> InferenceSpec | None:
     """The run's recorded inference, or None for a run that has none (trained before it existed)."""
     path = os.path.join(run_dir, INFERENCE_FILE)
-    payload = atomic.read_json_object(path, CheckpointError, "train again or remove it")
+    # Empty or cut short, it is a damaged record like any other: the user's to fix (exit 2).
+    payload = atomic.read_json_object(path, RunDirError, "train again, or remove it to use the run's "
+                                      "config.json")
     return None if payload is None else InferenceSpec.from_json(payload, path)

@@ -428,6 +428,9 @@ class RunDir:
             if record is None and i != lines[-1][0]:
                 raise RunDirError(f"{path}, line {i}: not a JSON record of an epoch; repair or "
                                   "remove that line, or pass --overwrite to start afresh")
+            if record is not None and _epoch_problem(record):
+                raise RunDirError(f"{path}, line {i}: {_epoch_problem(record)}; repair or remove that "
+                                  "line, or pass --overwrite to start afresh")
             if record is not None:
                 records.append(record)
         if len(records) < len(lines):
@@ -512,6 +515,16 @@ def _json_object(line: str) -> dict | None:
     except ValueError:
         return None
     return record if isinstance(record, dict) else None
+
+
+def _epoch_problem(record: dict) -> str | None:
+    """What makes a history record unusable: its epoch (and step) are what resuming compares."""
+    epoch, step = record.get("epoch"), record.get("step", 0)
+    if type(epoch) is not int or epoch < 1:
+        return f"epoch must be a positive integer, got {epoch!r}"
+    if type(step) is not int or step < 0:
+        return f"step must be zero or a positive integer, got {step!r}"
+    return None
 
 
 def _identity(values: dict) -> dict:

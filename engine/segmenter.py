@@ -12,7 +12,8 @@ from data import volume as data_volume
 from engine.inference import Predictor, model_image_size
 from engine.inference_spec import InferenceSpec, read_spec, spec_for
 from engine.loading import load_model
-from engine.rundir import FINAL_MODEL, INFERENCE_FILE, RunDir, RunDirError
+from engine.config import ConfigError, from_record
+from engine.rundir import CONFIG_FILE, FINAL_MODEL, INFERENCE_FILE, RunDir, RunDirError
 from engine.state import build_model
 from models import postprocess
 
@@ -73,6 +74,18 @@ class Segmenter:
                 f"(chosen on {s.chosen_on})")
 
 
+def stored_flags(run_dir: str) -> dict | None:
+    """The run's own flags, checked like flags, where it has a config.json (else None).
+
+    Raises:
+      RunDirError: config.json is not brainseg's.
+      ConfigError: a field has the wrong type or range; the file and field are named.
+    """
+    run = RunDir(run_dir)
+    stored = run.read_config()
+    return None if stored is None else from_record(stored, run.file(CONFIG_FILE)).to_dict()
+
+
 def segmenter(config, *, precision: str) -> Segmenter:
     """The inference a reading mode applies (evaluate, predict, export).
 
@@ -84,9 +97,14 @@ def segmenter(config, *, precision: str) -> Segmenter:
 
     Raises:
       CheckpointError: nothing loadable where the flags point.
+      ConfigError: --checkpoint names nothing, or the run's config.json holds a bad field.
+      RunDirError: --model_dir is not a run, or its inference.json is damaged.
     """
+    if config.checkpoint and not os.path.lexists(config.checkpoint):
+        raise ConfigError("checkpoint", f"{config.checkpoint} does not exist: name a .keras model, a "
+                          "run directory, its checkpoints folder or one checkpoint in it")
     recorded = read_spec(config.run_dir)
-    flags = RunDir(config.run_dir).read_config()  # the run's own flags, where it has a config.json
+    flags = stored_flags(config.run_dir)
     if not config.checkpoint and recorded is None and flags is None \
             and not os.path.exists(os.path.join(config.run_dir, FINAL_MODEL)):
         raise RunDirError(f"--model_dir={config.run_dir} is not a brainseg run (no {INFERENCE_FILE}, "

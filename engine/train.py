@@ -20,11 +20,11 @@ from engine import state as state_lib
 from engine import steps as steps_lib
 from engine.checkpoint import CheckpointError, CheckpointManager, find_checkpoint, restore
 from engine.cluster import Cluster
-from engine.config import HPARAM_FIELDS, LOCAL_FIELDS, Config, ConfigError
+from engine.config import HPARAM_FIELDS, LOCAL_FIELDS, Config, ConfigError, from_record
 from engine.controller import Controller, StopReason, StopRequest
 from engine.inference_spec import InferenceSpec
 from engine.policies import EarlyStopping, ReduceLROnPlateau
-from engine.rundir import EVENTS, FINAL_MODEL, MEMBERS, RunDir, RunDirError, confined
+from engine.rundir import CONFIG_FILE, EVENTS, FINAL_MODEL, MEMBERS, RunDir, RunDirError, confined
 from engine.runtime import Runtime
 from engine.schedule import Schedule
 from engine.summaries import SummaryWriter
@@ -102,6 +102,9 @@ def _before_writing(config: Config, runtime: Runtime) -> inputs.SplitData:
     run = RunDir(config.run_dir, writer=False)
     _check_folders(config, run)
     if os.path.isdir(run.path) and not config.overwrite:
+        stored = run.read_config()  # a config.json brainseg did not write is refused here, by name
+        if stored is not None:  # and so is one with a field of the wrong type or range
+            from_record(stored, run.file(CONFIG_FILE))
         resumable = CheckpointManager(directory=run.checkpoints).entries()
         history = [] if resumable or not runtime.is_chief else run.history()
         # One epoch recorded and no checkpoint: a kill between epoch 1's record and its save

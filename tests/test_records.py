@@ -118,3 +118,79 @@ def test_lower_case_patient_folders_are_found_and_paired(fake_lgg_tree, tmp_path
     shutil.copytree(root / "tcga_du_0002_20010101", root / "TCGA_DU_0002_20010101")
     _, problems = lgg.scan(str(root))
     assert len(problems) == 1 and "tcga_du_0002_20010101" in str(problems[0]), problems
+
+
+# --- records read back are checked like flags ---------------------------------------------------------
+
+TINY = dict(image_size=32, base_filters=4, depth=2, batch_size=8, num_overlays=0)
+
+
+@pytest.fixture(scope="module")
+def finished(tmp_path_factory):
+    """A finished 2-epoch tiny run, copied by each test that changes it."""
+    from tests.helpers import tiny_config
+
+    run_dir = tmp_path_factory.mktemp("finished") / "run"
+    run_engine(config_flags(tiny_config(run_dir, **TINY)), check=True)
+    return run_dir
+
+
+def _copy(finished, tmp_path):
+    target = tmp_path / "run"
+    shutil.copytree(finished, target)
+    os.remove(target / ".lock")
+    return target
+
+
+def _train_again(run_dir, **overrides):
+    from tests.helpers import tiny_config
+
+    return run_engine(config_flags(tiny_config(run_dir, **{**TINY, "epochs": 3, **overrides})))
+
+
+def _evaluate(run_dir, *flags):
+    from tests.helpers import synthetic_dir
+
+    return run_engine([f"--model_dir={run_dir}", "--mode=evaluate", "--split=test", "--precision=float32",
+                       f"--data_dir={synthetic_dir()}", *flags])
+
+
+@pytest.mark.parametrize("field, value", [("normalize", "Volume"), ("tta", "false"), ("neighbours", "two"),
+                                          ("neighbours", 1.0), ("learning_rate", None)])
+def test_a_config_json_field_of_the_wrong_type_is_named_and_nothing_is_written(finished, tmp_path,
+                                                                                 field, value):
+    run_dir = _copy(finished, tmp_path)
+    stored = json.loads((run_dir / "config.json").read_text())
+    stored["config"][field] = value
+    (run_dir / "config.json").write_text(json.dumps(stored))
+    before = _tree(run_dir)
+    for proc in (_evaluate(run_dir), _train_again(run_dir)):
+        line = _one_line(proc, str(run_dir / "config.json"), field)
+        assert repr(value) in line, line
+        assert _tree(run_dir) == before
+
+
+@pytest.mark.parametrize("epoch", ["2", None, 0, True])
+def test_a_history_epoch_that_is_not_a_positive_integer_is_named(finished, tmp_path, epoch):
+    run_dir = _copy(finished, tmp_path)
+    lines = (run_dir / "history.jsonl").read_text().splitlines()
+    last = json.loads(lines[-1])
+    (run_dir / "history.jsonl").write_text("\n".join(lines[:-1] + [json.dumps({**last, "epoch": epoch})]) + "\n")
+    before = _tree(run_dir)
+    line = _one_line(_train_again(run_dir), "history.jsonl", "line 2", "epoch")
+    assert repr(epoch) in line, line
+    assert _tree(run_dir) == before
+
+
+def test_a_checkpoint_pointing_nowhere_is_a_flag_error(finished, tmp_path):
+    proc = _evaluate(finished, f"--checkpoint={tmp_path / 'nowhere'}")
+    _one_line(proc, "--checkpoint", str(tmp_path / "nowhere"))
+
+
+@pytest.mark.parametrize("text", ["", '{"members": ["final_model.keras"], "thresh'])
+def test_an_empty_or_truncated_inference_json_exits_2(finished, tmp_path, text):
+    run_dir = _copy(finished, tmp_path)
+    (run_dir / "inference.json").write_text(text)
+    before = _tree(run_dir)
+    _one_line(_evaluate(run_dir), str(run_dir / "inference.json"))
+    assert _tree(run_dir) == before
