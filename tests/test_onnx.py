@@ -13,7 +13,8 @@ import numpy as np
 import pytest
 
 from engine import export, export_onnx
-from engine.inference import InferenceSpec, Segmenter
+from engine.inference_spec import InferenceSpec
+from engine.segmenter import Segmenter
 from models import unet
 from tests.helpers import config_flags, model_only_config, run_engine
 
