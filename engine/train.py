@@ -332,7 +332,7 @@ def _restore(config: Config, runtime: Runtime, run: RunDir, cluster: Cluster,
              state: state_lib.TrainState, wired: Wired):
     """Resumes the run from its newest checkpoint that verifies, or warm-starts it (--restore_from)."""
     if runtime.is_chief:
-        for path in wired.checkpointer.manager.remove_temporaries():
+        for path in wired.manager.remove_temporaries():
             log.info(f"Removed a partial checkpoint left by a crash: {path}")
     restored = state_lib.resume(state, run.checkpoints, cluster, is_chief=runtime.is_chief)
     if restored is not None:
