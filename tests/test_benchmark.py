@@ -164,6 +164,10 @@ def test_input_pipeline_throughput_with_the_runs_flags():
     assert f"--data_dir={synthetic_dir()}" in proc.stderr
     errors = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
     assert len(errors) == 1 and "Traceback" not in proc.stderr
+    # The command's former name says where it went, rather than doing nothing.
+    proc = subprocess.run([sys.executable, "-m", "data.bench", "--patients=24"], cwd=REPO,
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2 and "python -m engine.bench_input" in proc.stderr, proc.stderr
 
 
 @pytest.mark.parametrize("name, row", [
