@@ -15,10 +15,11 @@ import tensorflow as tf
 from data import volume
 from engine import checkpoint as checkpoint_lib
 from engine import steps as steps_lib
-from engine.checkpoint import CheckpointError, CheckpointInfo, CheckpointManager
+from engine.checkpoint import CheckpointError, CheckpointInfo
 from engine.cluster import Cluster
 from engine.config import Config, ConfigError
 from engine.runtime import Runtime
+from engine.start import Action, Decision, refuse
 from models import unet
 
 log = logging.getLogger(__name__)
@@ -128,43 +129,49 @@ class TrainState:
         steps_lib.inner_optimizer(self.optimizer).learning_rate.assign(value)
 
 
-def resume(state: TrainState, checkpoints: str, cluster: Cluster, *, is_chief: bool) -> CheckpointInfo | None:
-    """Restores, on every worker, the newest checkpoint of the run directory that verifies.
+def agree(decision: Decision | None, cluster: Cluster, *, checkpoints: str, restore_from: str | None) -> Decision:
+    """The chief's start decision (None on the other workers) on every worker.
 
-    The chief chooses it and every worker restores that same step from the shared directory, so
-    a damaged newest checkpoint makes them all fall back together; on one process this is just
-    the manager's newest verified checkpoint.
+    Its action and step cross the cluster; the rest a worker knows from the shared flags and
+    folder, or does not need (only the chief writes).
+    """
+    actions = list(Action)
+    action = actions[cluster.broadcast(actions.index(decision.action) if decision else 0)]
+    step = cluster.broadcast(decision.step if decision else 0)
+    broken = bool(cluster.broadcast(int(decision.broken) if decision else 0))
+    if decision is not None:
+        return decision
+    where = os.path.join(checkpoints, f"{checkpoint_lib.PREFIX}-{step:09d}")
+    return Decision(action, step=step, checkpoint=where if action is Action.RESUME else restore_from,
+                    message=f"the chief refused to start from {checkpoints}: see its log", broken=broken)
+
+
+def begin(state: TrainState, decision: Decision, cluster: Cluster) -> CheckpointInfo | None:
+    """Does what the start decision says to the state, on every worker: restores the checkpoint
+    it names (RESUME), reads --restore_from's weights (WARM), or nothing (FRESH).
 
     Returns:
-      The restored checkpoint, or None when the run has none yet.
+      The restored checkpoint (RESUME), else None.
 
     Raises:
-      CheckpointError: none verifies, or a worker cannot read the chosen one.
+      CheckpointError: the checkpoints are damaged, or a worker cannot read the chosen one.
+      RunDirError: the decision refused the run directory.
     """
-    chosen, problem = None, None
-    if is_chief:
-        try:
-            chosen = CheckpointManager(directory=checkpoints).newest_verified()
-        except CheckpointError as e:
-            problem = e
-    # -1: start afresh; -2: the chief found checkpoints but none that verifies.
-    step = cluster.broadcast(-2 if problem else chosen.step if chosen else -1)
-    if step == -2:
-        raise problem or CheckpointError(f"none of the checkpoints in {checkpoints} verifies "
-                                         "(see the chief's log)")
-    if step == -1:
+    refuse(decision)
+    if decision.action is Action.WARM:
+        warm_start(state, decision.checkpoint)
+    if decision.action is not Action.RESUME:
         return None
     info, problem = None, None
     try:
-        info = checkpoint_lib.restore(state.checkpoint(loss_scale=False),
-                                      os.path.join(checkpoints, f"{checkpoint_lib.PREFIX}-{step:09d}"))
+        info = checkpoint_lib.restore(state.checkpoint(loss_scale=False), decision.checkpoint)
         state.read_loss_scale(info)
     except CheckpointError as e:
         problem = e
     if cluster.any(problem is not None):
         raise problem or CheckpointError(
-            f"another worker could not read checkpoint step {step} in {checkpoints}: the run "
-            "directory must be one folder that every worker can read")
+            f"another worker could not read {decision.checkpoint}: the run directory must be one "
+            "folder that every worker can read")
     return info
 
 
@@ -190,21 +197,3 @@ def scratch(run_dir: str, worker: int) -> str:
         os.remove(path)
     os.mkdir(path, 0o700)  # fails, rather than follows, if something took the name meanwhile
     return path
-
-
-def run_state(info: CheckpointInfo) -> dict:
-    """The JSON state a checkpoint saved beside its variables, in today's layout.
-
-    Checkpoints written before the schedule and the trainer kept their own state held it under
-    "run": the base rate and the stop reason read as they were; a part-epoch's sums, which
-    lacked their step count, are dropped, so that epoch's record counts the steps after the
-    resume only.
-    """
-    state = dict(info.state)
-    old = state.pop("run", None)
-    if old is not None:
-        state["schedule"] = {"base_lr": old["base_lr"]}
-        state["trainer"] = {"epoch_sums": None}
-        state["policies"] = {"plateau": state.pop("plateau"), "early_stopping": state.pop("early_stopping"),
-                             "stopped": old["stopped"]}
-    return state

@@ -15,7 +15,7 @@ import tensorflow as tf
 from data import dataset as lgg_dataset
 from data import pipeline
 from data.lgg import DataError
-from engine import actions, inputs, postprocessing
+from engine import actions, inputs, postprocessing, start
 from engine import state as state_lib
 from engine import steps as steps_lib
 from engine.checkpoint import CheckpointError, CheckpointManager, find_checkpoint, restore
@@ -105,28 +105,19 @@ def _before_writing(config: Config, runtime: Runtime) -> inputs.SplitData:
         stored = run.read_config()  # a config.json brainseg did not write is refused here, by name
         if stored is not None:  # and so is one with a field of the wrong type or range
             from_record(stored, run.file(CONFIG_FILE))
-        resumable = CheckpointManager(directory=run.checkpoints).entries()
-        history = [] if resumable or not runtime.is_chief else run.history()
-        # One epoch recorded and no checkpoint: a kill between epoch 1's record and its save
-        # (the record comes first); that epoch is trained again and its record replaced.
-        killed_before_first_save = ([r.get("epoch") for r in history] == [1]
-                                    and not os.path.exists(run.final_model))
-        if history and not killed_before_first_save:
-            raise RunDirError(
-                f"{run.path} holds {len(history)} epochs of training history but no checkpoint "
-                f"to resume from ({run.checkpoints} is missing or empty); the run and its final model "
-                "are left as they are. Pass --overwrite to train it again from step 0, or use "
-                "another --model_dir")
-        if config.restore_from and not resumable:
-            _check_restore_from(config)
-    elif config.restore_from:
-        _check_restore_from(config)
     data = inputs.load_split(config, run, create=True, fresh=config.overwrite)
     train = data.part("train")
     problem = lgg_dataset.class_problem(int(train.positive.sum()), len(train.records), config.positive_fraction)
     if problem:
         raise DataError(f"{config.data_dir}: {problem}")
     _check_batches(config, runtime, data)
+    # The decision the run will follow (made again, under the lock, once the folder is open).
+    held = start.Folder(run.path) if config.overwrite else start.survey(run.path)  # it goes
+    decision = start.decide(held, overwrite=config.overwrite, restore_from=config.restore_from,
+                            total_steps=0)  # the steps matter only to the final model, untouched here
+    start.refuse(decision)
+    if decision.action is start.Action.WARM:
+        _check_restore_from(config)
     return data
 
 
@@ -330,30 +321,32 @@ def _wire(config: Config, runtime: Runtime, run: RunDir, data: inputs.SplitData,
 
 def _restore(config: Config, runtime: Runtime, run: RunDir, cluster: Cluster,
              state: state_lib.TrainState, wired: Wired):
-    """Resumes the run from its newest checkpoint that verifies, or warm-starts it (--restore_from)."""
+    """Starts the run as the start decision says (resumed, warm-started or fresh), the chief's
+    decision on every worker; returns the restored checkpoint, if any."""
+    trainer, total = wired.trainer, wired.trainer.steps_per_epoch * config.epochs
+    chosen = None
     if runtime.is_chief:
         for path in wired.manager.remove_temporaries():
             log.info(f"Removed a partial checkpoint left by a crash: {path}")
-    restored = state_lib.resume(state, run.checkpoints, cluster, is_chief=runtime.is_chief)
+        chosen = start.decide(start.survey(run.path), overwrite=config.overwrite,
+                              restore_from=config.restore_from, total_steps=total)
+    decision = state_lib.agree(chosen, cluster, checkpoints=run.checkpoints, restore_from=config.restore_from)
+    restored = state_lib.begin(state, decision, cluster)
+    run.truncate_history(decision.keep_epochs)  # records written after the checkpoint, or a lost epoch 1
     if restored is not None:
-        saved = state_lib.run_state(restored)
+        saved = start.run_state(restored)
         wired.checkpointer.restore(saved)
-        run.truncate_history(restored.epoch)
         log.info(f"Resumed from {restored.path} (step {restored.step}, epoch {restored.epoch})")
         previous = saved.get("precision", runtime.precision)
         if previous != runtime.precision:
             log.info(f"The run was trained in {previous} so far; it continues in {runtime.precision}"
                      + (" with a fresh float16 loss scale" if runtime.precision == "mixed_float16" else ""))
     else:
-        run.truncate_history(0)  # only an epoch killed before its first save (see _before_writing)
-        if config.restore_from:
-            state_lib.warm_start(state, config.restore_from)
         wired.writer.text(0, "config", "```\n" + config.to_json() + "\n```")
         wired.writer.text(0, "runtime", runtime.describe())
-    trainer, total = wired.trainer, wired.trainer.steps_per_epoch * config.epochs
     # An older final model would outlive this run if it were interrupted: evaluate would score
     # stale weights. It is written again when the run finishes.
-    if trainer.step < total and wired.policies.stopped is None and run.remove(FINAL_MODEL):
+    if decision.remove_final_model and run.remove(FINAL_MODEL):
         log.info(f"Removed {run.final_model} of the run so far: the run goes on past it, and "
                  "writes it again when it finishes")
     log.info(f"Training from step {trainer.step} (epoch {trainer.step // trainer.steps_per_epoch}) "
