@@ -20,7 +20,7 @@ from data.lgg import DataError
 from engine import inputs, report, segmenter as segmenter_lib
 from engine.config import Config
 from engine.inference import groups
-from engine.rundir import SPLIT_FILE, RunDir
+from engine.rundir import SPLIT_FILE, RunDir, RunDirError
 from engine.runtime import Runtime
 from engine.segmenter import Segmenter
 from models import losses, metrics
@@ -172,6 +172,26 @@ def _best_and_worst(segmenter: Segmenter, subset: LggDataset, predictions: np.nd
     return figures
 
 
+def report_files(name: str) -> tuple[str, ...]:
+    """Every file an evaluation of split `name` writes into the run directory."""
+    return (f"eval_{name}.json", f"per_patient_{name}.csv", f"eval_{name}.md", f"eval_{name}_dice.png",
+            f"eval_{name}_best_patient.png", f"eval_{name}_worst_patient.png")
+
+
+def check_targets(run: RunDir, name: str) -> None:
+    """Refuses to replace a report file the run did not record writing (a user's own eval_test.md).
+
+    Raises:
+      RunDirError: naming the first such file; nothing has been written.
+    """
+    ours = set(run.written() or ())
+    theirs = [f for f in report_files(name) if os.path.lexists(run.file(f)) and f not in ours]
+    if theirs:
+        raise RunDirError(f"{run.file(theirs[0])} exists and brainseg did not write it ({len(theirs)} "
+                          f"such file(s) in all); evaluate replaces only its own reports, listed in the "
+                          "run's written.json: move it away")
+
+
 def run(config: Config, runtime: Runtime) -> dict:
     """Evaluates the run's inference on --split (or every patient of --data_dir with --split=all)
     and writes eval_<split>.json, per_patient_<split>.csv, eval_<split>.md and its figures; the
@@ -183,10 +203,12 @@ def run(config: Config, runtime: Runtime) -> dict:
     Raises:
       CheckpointError: no model where the flags point.
       DataError: the data or the split cannot be used.
+      RunDirError: a report file of this split exists and the run did not write it.
     """
     start = time.perf_counter()
-    segmenter = segmenter_lib.segmenter(config, precision=runtime.precision)
     run_dir = RunDir(config.run_dir)
+    check_targets(run_dir, config.split)  # before any work: a refusal costs nothing
+    segmenter = segmenter_lib.segmenter(config, precision=runtime.precision)
     subset = _data(config, run_dir)
     batch_size = config.eval_batch
     predictions = predict_patients(segmenter, subset, batch_size=batch_size)

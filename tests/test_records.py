@@ -227,3 +227,15 @@ def test_overwrite_keeps_the_users_files_inside_saved_model(finished, tmp_path):
     run_engine(config_flags(tiny_config(run_dir, **{**TINY, "epochs": 1, "overwrite": True})), check=True)
     assert sorted(os.listdir(run_dir / "saved_model")) == ["notes.txt"]
     assert (run_dir / "saved_model" / "notes.txt").read_text() == "mine"
+
+
+def test_evaluate_never_replaces_a_report_it_did_not_write(finished, tmp_path):
+    run_dir = _copy(finished, tmp_path)
+    (run_dir / "eval_test.md").write_text("my own notes on the test split")
+    before = _tree(run_dir)
+    _one_line(_evaluate(run_dir), str(run_dir / "eval_test.md"))
+    assert _tree(run_dir) == before
+    os.remove(run_dir / "eval_test.md")
+    for _ in range(2):  # its own report it replaces
+        assert _evaluate(run_dir).returncode == 0
+    assert "eval_test.md" in json.loads((run_dir / "written.json").read_text())["written"]
