@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import dataclasses
 import io
 import logging
 import math
@@ -192,6 +193,21 @@ def check_targets(run: RunDir, name: str) -> None:
                           "run's written.json: move it away")
 
 
+# The flags that say which patients a run was trained and split on. Left at their defaults on an
+# evaluate command, they are the run's own (its config.json): `--mode=evaluate --model_dir=RUN`
+# scores RUN's test split with no other flag.
+DATA_FIELDS = ("data_dir", "skip_bad_slices", "val_fraction", "test_fraction", "num_folds", "fold", "seed")
+
+
+def with_run_data(config: Config, stored: dict | None) -> Config:
+    """The config with each DATA_FIELDS flag left at its default taken from the run's flags."""
+    if stored is None:
+        return config
+    defaults = Config()
+    return dataclasses.replace(config, **{k: stored[k] for k in DATA_FIELDS
+                                          if getattr(config, k) == getattr(defaults, k)})
+
+
 def run(config: Config, runtime: Runtime) -> dict:
     """Evaluates the run's inference on --split (or every patient of --data_dir with --split=all)
     and writes eval_<split>.json, per_patient_<split>.csv, eval_<split>.md and its figures; the
@@ -206,6 +222,7 @@ def run(config: Config, runtime: Runtime) -> dict:
       RunDirError: a report file of this split exists and the run did not write it.
     """
     start = time.perf_counter()
+    config = with_run_data(config, segmenter_lib.stored_flags(config.run_dir))
     run_dir = RunDir(config.run_dir)
     check_targets(run_dir, config.split)  # before any work: a refusal costs nothing
     segmenter = segmenter_lib.segmenter(config, precision=runtime.precision)

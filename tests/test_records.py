@@ -239,3 +239,13 @@ def test_evaluate_never_replaces_a_report_it_did_not_write(finished, tmp_path):
     for _ in range(2):  # its own report it replaces
         assert _evaluate(run_dir).returncode == 0
     assert "eval_test.md" in json.loads((run_dir / "written.json").read_text())["written"]
+
+
+def test_evaluate_with_only_model_dir_scores_the_runs_own_test_split(finished, tmp_path):
+    run_dir = _copy(finished, tmp_path)
+    proc = run_engine([f"--model_dir={run_dir}", "--mode=evaluate", "--precision=float32"])
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    report = json.loads((run_dir / "eval_test.json").read_text())
+    split = json.loads((run_dir / "split.json").read_text())
+    stored = json.loads((run_dir / "config.json").read_text())["config"]
+    assert report["patients"] == len(split["test"]) and report["data_dir"] == stored["data_dir"]
