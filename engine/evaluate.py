@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import dataclasses
 import io
 import logging
 import math
@@ -20,7 +21,7 @@ from data.lgg import DataError
 from engine import inputs, report, segmenter as segmenter_lib
 from engine.config import Config
 from engine.inference import groups
-from engine.rundir import SPLIT_FILE, RunDir
+from engine.rundir import SPLIT_FILE, RunDir, RunDirError
 from engine.runtime import Runtime
 from engine.segmenter import Segmenter
 from models import losses, metrics
@@ -172,6 +173,41 @@ def _best_and_worst(segmenter: Segmenter, subset: LggDataset, predictions: np.nd
     return figures
 
 
+def report_files(name: str) -> tuple[str, ...]:
+    """Every file an evaluation of split `name` writes into the run directory."""
+    return (f"eval_{name}.json", f"per_patient_{name}.csv", f"eval_{name}.md", f"eval_{name}_dice.png",
+            f"eval_{name}_best_patient.png", f"eval_{name}_worst_patient.png")
+
+
+def check_targets(run: RunDir, name: str) -> None:
+    """Refuses to replace a report file the run did not record writing (a user's own eval_test.md).
+
+    Raises:
+      RunDirError: naming the first such file; nothing has been written.
+    """
+    ours = set(run.written() or ())
+    theirs = [f for f in report_files(name) if os.path.lexists(run.file(f)) and f not in ours]
+    if theirs:
+        raise RunDirError(f"{run.file(theirs[0])} exists and brainseg did not write it ({len(theirs)} "
+                          f"such file(s) in all); evaluate replaces only its own reports, listed in the "
+                          "run's written.json: move it away")
+
+
+# The flags that say which patients a run was trained and split on. Left at their defaults on an
+# evaluate command, they are the run's own (its config.json): `--mode=evaluate --model_dir=RUN`
+# scores RUN's test split with no other flag.
+DATA_FIELDS = ("data_dir", "skip_bad_slices", "val_fraction", "test_fraction", "num_folds", "fold", "seed")
+
+
+def with_run_data(config: Config, stored: dict | None) -> Config:
+    """The config with each DATA_FIELDS flag left at its default taken from the run's flags."""
+    if stored is None:
+        return config
+    defaults = Config()
+    return dataclasses.replace(config, **{k: stored[k] for k in DATA_FIELDS
+                                          if getattr(config, k) == getattr(defaults, k)})
+
+
 def run(config: Config, runtime: Runtime) -> dict:
     """Evaluates the run's inference on --split (or every patient of --data_dir with --split=all)
     and writes eval_<split>.json, per_patient_<split>.csv, eval_<split>.md and its figures; the
@@ -183,10 +219,13 @@ def run(config: Config, runtime: Runtime) -> dict:
     Raises:
       CheckpointError: no model where the flags point.
       DataError: the data or the split cannot be used.
+      RunDirError: a report file of this split exists and the run did not write it.
     """
     start = time.perf_counter()
-    segmenter = segmenter_lib.segmenter(config, precision=runtime.precision)
+    config = with_run_data(config, segmenter_lib.stored_flags(config.run_dir))
     run_dir = RunDir(config.run_dir)
+    check_targets(run_dir, config.split)  # before any work: a refusal costs nothing
+    segmenter = segmenter_lib.segmenter(config, precision=runtime.precision)
     subset = _data(config, run_dir)
     batch_size = config.eval_batch
     predictions = predict_patients(segmenter, subset, batch_size=batch_size)

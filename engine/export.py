@@ -103,6 +103,9 @@ def write_export(export_dir: str, fill) -> str:
         with open(os.path.join(tmp, METADATA_FILE), "w") as f:
             f.write("{}\n")  # fill replaces it last; until then it marks the folder as this export's
         fill(tmp)
+        _record_written(tmp)
+        if os.path.isdir(export_dir):
+            _carry_over(export_dir, tmp, rundir.export_record(export_dir) or [])
         atomic.swap_in_dir(tmp, export_dir)
     except tf.errors.OpError as e:  # TensorFlow's own file writes: a full or read-only disk
         shutil.rmtree(tmp, ignore_errors=True)
@@ -125,9 +128,63 @@ def marker(segmenter: Segmenter) -> dict:
             "inference": spec.to_json(), "threshold": spec.threshold, "tensorflow": tf.__version__}
 
 
+def _record_written(folder: str) -> None:
+    """Adds to the export's marker what it wrote (itself included): the next export and
+    --overwrite replace these, and nothing else in the folder."""
+    path = os.path.join(folder, METADATA_FILE)
+    with open(path) as f:
+        meta = json.load(f)
+    with open(path, "w") as f:
+        json.dump({**meta, "written": _listing(folder)}, f, indent=2, sort_keys=True)
+
+
+def _listing(folder: str) -> list[str]:
+    """Every entry under folder, relative to it; folders end in '/'."""
+    out = []
+    for parent, dirs, files in os.walk(folder):
+        rel = os.path.relpath(parent, folder)
+        out += [os.path.normpath(os.path.join(rel, d)) + "/" for d in dirs]
+        out += [os.path.normpath(os.path.join(rel, f)) for f in files]
+    return sorted(out)
+
+
+def _carry_over(old: str, new: str, recorded: list[str]) -> None:
+    """Puts into the new export every entry of the old one that brainseg did not record writing
+    (a user's notes.txt, or a folder of theirs), so that swapping the folders loses none: a hard
+    link (the same file, not a copy) or, for a symbolic link, the same link.
+
+    Raises:
+      RunDirError: a user's file has the name of one the new export writes; nothing is replaced.
+    """
+    ours = set(recorded)
+    for parent, dirs, files in os.walk(old):  # not into linked folders: a link is carried as a link
+        for name in dirs + files:
+            source = os.path.join(parent, name)
+            rel = os.path.relpath(source, old)
+            target = os.path.join(new, rel)
+            if os.path.isdir(source) and not os.path.islink(source):
+                if rel + "/" not in ours:
+                    os.makedirs(target, exist_ok=True)
+                continue
+            if rel in ours:
+                continue
+            if os.path.lexists(target):
+                raise RunDirError(f"{source} is not brainseg's, and the new export would replace it; "
+                                  "move it away, or choose another --export_dir")
+            os.makedirs(os.path.dirname(target), exist_ok=True)
+            if os.path.islink(source):
+                os.symlink(os.readlink(source), target)
+            else:
+                try:
+                    os.link(source, target)
+                except OSError:  # a file system without hard links
+                    shutil.copy2(source, target)
+
+
 def check_target(export_dir: str) -> None:
-    """Refuses an --export_dir that is a file, lies under a file, or is a folder holding anything
-    but brainseg's own export (marked by its brainseg_export.json); an empty folder is fine.
+    """Refuses an --export_dir that is a file, lies under a file, is a symbolic link, or is a folder
+    holding anything but brainseg's own export (marked by its brainseg_export.json, which lists
+    what it wrote); an empty folder is fine. A user's files inside an export stay through the next.
 
     Raises:
       RunDirError: the message names the path.
@@ -141,11 +198,18 @@ def check_target(export_dir: str) -> None:
     if os.path.lexists(export_dir) and not os.path.isdir(export_dir):
         raise RunDirError(f"--export_dir={export_dir} exists and is not a folder; refusing to replace "
                           "it (choose another --export_dir)")
+    if os.path.islink(export_dir):
+        raise RunDirError(f"--export_dir={export_dir} is a symbolic link; brainseg replaces only a "
+                          f"folder it wrote: pass the link's target ({os.path.realpath(export_dir)})")
     if (os.path.isdir(export_dir) and os.listdir(export_dir)
             and not os.path.isfile(os.path.join(export_dir, METADATA_FILE))):
         raise RunDirError(f"--export_dir={export_dir} is not a SavedModel or ONNX model brainseg exported "
                           f"(it has no {METADATA_FILE}); refusing to replace it: choose another "
                           "--export_dir")
+    if os.path.isdir(export_dir) and os.listdir(export_dir) and rundir.export_record(export_dir) is None:
+        raise RunDirError(f"--export_dir={export_dir} holds an export from before brainseg recorded its "
+                          f"files in {METADATA_FILE}, so it cannot tell them from yours and replaces "
+                          "nothing: delete it yourself or choose another --export_dir")
 
 
 def _alive(pid: int) -> bool:

@@ -342,8 +342,8 @@ class RunDir:
         paths = [self._target(n) for n in written if n not in last and os.path.lexists(self.file(n))]
         paths += [self.file(n) for n in self._temporaries(written)]
         paths += [os.path.join(self._target(CHECKPOINTS), n) for n in checkpoint.owned_entries(self.checkpoints)]
-        paths += [self.file(n) for n in (SAVED_MODEL, ONNX_EXPORT)
-                  if os.path.isfile(os.path.join(self._target(n), EXPORT_MARKER))]
+        for export in (SAVED_MODEL, ONNX_EXPORT):  # only what the export recorded: a user's file stays
+            paths += export_owned(self._target(export))
         for member in _members(self._target(MEMBERS)):
             paths += member._owned() + [member._target(LOCK_FILE)]  # its lock went with its training
         return paths + [self.file(n) for n in last]
@@ -534,3 +534,50 @@ def _identity(values: dict) -> dict:
     if out.get("data_dir"):
         out["data_dir"] = os.path.realpath(out["data_dir"])
     return out
+
+
+def _confined(name) -> bool:
+    """A recorded path that stays inside its folder: relative, no '.', '..' or empty parts."""
+    if not isinstance(name, str) or not name or "\0" in name or os.path.isabs(name):
+        return False
+    return all(part not in ("", ".", "..") for part in name.rstrip("/").split("/"))
+
+
+def export_record(folder: str) -> list[str] | None:
+    """What an export recorded writing in `folder` (its brainseg_export.json's "written": relative
+    paths, folders ending in '/'), the marker itself included; None where there is no marker, or
+    it is one from before exports kept a record.
+
+    Raises:
+      RunDirError: the marker is unreadable, or its record names a path outside the folder.
+    """
+    path = os.path.join(folder, EXPORT_MARKER)
+    if os.path.islink(folder) or not os.path.isfile(path):
+        return None
+    stored = atomic.read_json_object(path, RunDirError, "move the folder away or choose another --export_dir")
+    names = stored.get("written")
+    if names is None:
+        return None
+    if not isinstance(names, list) or not all(_confined(n) for n in names):
+        bad = next((n for n in names if not _confined(n)), names) if isinstance(names, list) else names
+        raise RunDirError(f"{path}: written must list paths inside {folder}, got {bad!r}; move the "
+                          "folder away or choose another --export_dir")
+    return sorted({*names, EXPORT_MARKER})
+
+
+def export_owned(folder: str) -> list[str]:
+    """The files --overwrite removes from an export in a run (and its recorded folders that are
+    empty): only recorded paths, none reached through a symbolic link inside the folder."""
+    owned = []
+    for name in export_record(folder) or ():
+        relative = name.rstrip("/")
+        path = os.path.join(folder, relative)
+        inside = os.path.normpath(os.path.join(os.path.realpath(folder), os.path.dirname(relative)))
+        if os.path.realpath(os.path.dirname(path)) != inside:
+            continue  # a link on the way: what lies behind it is not the export's
+        if name.endswith("/"):
+            if os.path.isdir(path) and not os.path.islink(path) and not os.listdir(path):
+                owned.append(path)
+        elif os.path.lexists(path) and not (os.path.isdir(path) and not os.path.islink(path)):
+            owned.append(path)
+    return owned

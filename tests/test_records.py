@@ -194,3 +194,58 @@ def test_an_empty_or_truncated_inference_json_exits_2(finished, tmp_path, text):
     before = _tree(run_dir)
     _one_line(_evaluate(run_dir), str(run_dir / "inference.json"))
     assert _tree(run_dir) == before
+
+
+# --- a user's files inside brainseg's folders stay ----------------------------------------------------
+
+
+def test_exporting_again_keeps_the_users_files_inside_the_export(finished, tmp_path):
+    export_dir = tmp_path / "export"
+    export = [f"--model_dir={finished}", "--mode=export", f"--export_dir={export_dir}", "--precision=float32"]
+    run_engine(export, check=True)
+    (export_dir / "notes.txt").write_text("how I served it")
+    (export_dir / "variables" / "mine.txt").write_text("mine")
+    (export_dir / "extra").mkdir()
+    (export_dir / "extra" / "client.py").write_text("print(1)")
+    written = json.loads((export_dir / "brainseg_export.json").read_text())["written"]
+    assert "saved_model.pb" in written and "notes.txt" not in written
+    os.remove(export_dir / "saved_model.pb")  # so that the next export is seen to write it again
+    run_engine(export, check=True)
+    assert (export_dir / "saved_model.pb").exists()
+    assert (export_dir / "notes.txt").read_text() == "how I served it"
+    assert (export_dir / "variables" / "mine.txt").read_text() == "mine"
+    assert (export_dir / "extra" / "client.py").read_text() == "print(1)"
+    assert sorted(os.listdir(tmp_path)) == ["export"]  # nothing left beside it
+
+
+def test_overwrite_keeps_the_users_files_inside_saved_model(finished, tmp_path):
+    from tests.helpers import tiny_config
+
+    run_dir = _copy(finished, tmp_path)
+    run_engine([f"--model_dir={run_dir}", "--mode=export", "--precision=float32"], check=True)
+    (run_dir / "saved_model" / "notes.txt").write_text("mine")
+    run_engine(config_flags(tiny_config(run_dir, **{**TINY, "epochs": 1, "overwrite": True})), check=True)
+    assert sorted(os.listdir(run_dir / "saved_model")) == ["notes.txt"]
+    assert (run_dir / "saved_model" / "notes.txt").read_text() == "mine"
+
+
+def test_evaluate_never_replaces_a_report_it_did_not_write(finished, tmp_path):
+    run_dir = _copy(finished, tmp_path)
+    (run_dir / "eval_test.md").write_text("my own notes on the test split")
+    before = _tree(run_dir)
+    _one_line(_evaluate(run_dir), str(run_dir / "eval_test.md"))
+    assert _tree(run_dir) == before
+    os.remove(run_dir / "eval_test.md")
+    for _ in range(2):  # its own report it replaces
+        assert _evaluate(run_dir).returncode == 0
+    assert "eval_test.md" in json.loads((run_dir / "written.json").read_text())["written"]
+
+
+def test_evaluate_with_only_model_dir_scores_the_runs_own_test_split(finished, tmp_path):
+    run_dir = _copy(finished, tmp_path)
+    proc = run_engine([f"--model_dir={run_dir}", "--mode=evaluate", "--precision=float32"])
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    report = json.loads((run_dir / "eval_test.json").read_text())
+    split = json.loads((run_dir / "split.json").read_text())
+    stored = json.loads((run_dir / "config.json").read_text())["config"]
+    assert report["patients"] == len(split["test"]) and report["data_dir"] == stored["data_dir"]
