@@ -158,12 +158,21 @@ def plan(input_dir, output_dir) -> tuple[list[Job], list[Job]]:
     if not jobs and not protected:
         raise DataError(f"--input={input_dir}: no image .tif files found (files ending in "
                         f"{MASK_STEM_SUFFIX}.tif are ground truth and are not predicted on)")
+    refuse_foreign(jobs, ours, output_dir)
+    return jobs, protected
+
+
+def refuse_foreign(jobs: list[Job], ours, output_dir) -> None:
+    """Refuses targets that exist and are not in predict's own record (TIFF and NIfTI alike).
+
+    Raises:
+      DataError: naming the first such mask and how many there are.
+    """
     foreign = [j.target for j in jobs if os.path.lexists(j.target) and os.path.realpath(j.target) not in ours]
     if foreign:
         raise DataError(f"--output={output_dir}: {foreign[0]} exists and brainseg did not write it "
                         f"({len(foreign)} such mask(s) in all); predict never replaces a mask it did "
                         f"not write (it lists its own in {RECORD_FILE}): use another --output")
-    return jobs, protected
 
 
 def _refuse_shared_targets(jobs: list[Job], input_dir) -> None:

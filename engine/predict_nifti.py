@@ -12,7 +12,7 @@ from data.lgg import DataError
 from engine import segmenter as segmenter_lib
 from engine.config import Config
 from engine.runtime import Runtime
-from engine.predict import RECORD_FILE, Job, _is_image, _walk, record, recorded
+from engine.predict import Job, _is_image, _walk, record, recorded, refuse_foreign
 
 log = logging.getLogger(__name__)
 
@@ -81,11 +81,7 @@ def plan(input_path, output_dir) -> tuple[list[Job], list[Job]]:
     if not jobs and not protected:
         raise DataError(f"--input={input_path}: no NIfTI volume found (files ending in "
                         f"{nifti.MASK_SUFFIX}.nii.gz are ground truth and are not predicted on)")
-    foreign = [j.target for j in jobs if os.path.lexists(j.target) and os.path.realpath(j.target) not in ours]
-    if foreign:
-        raise DataError(f"--output={output_dir}: {foreign[0]} exists and brainseg did not write it; "
-                        f"predict never replaces a mask it did not write (it lists its own in "
-                        f"{RECORD_FILE}): use another --output")
+    refuse_foreign(jobs, ours, output_dir)
     return jobs, protected
 
 
