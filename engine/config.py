@@ -218,6 +218,11 @@ class Config:
                                      "to come up before failing with a message (a worker that is "
                                      "lost later is noticed by heartbeats within 10 s).",
                                      _at_least(1, 86400))
+    tune_malloc: bool = _field(True, "Linux with glibc: malloc's mmap threshold 32 MiB and trim "
+                               "threshold 64 MiB, where tf.data leaves both at 128 KiB and every "
+                               "tensor's pages are faulted in again at each step (2x the step time "
+                               "on 2 cores; same results). --notune_malloc: TensorFlow's setting. "
+                               "BUILD.md, \"Host memory\".", local=True)
     deterministic: bool = _field(False, "Turn on TensorFlow op determinism (bitwise-reproducible runs, "
                                  "slower).")
     # Run directory, logging, evaluation.

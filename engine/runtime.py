@@ -9,6 +9,7 @@ import os
 import keras
 import tensorflow as tf
 
+from engine import malloc
 from engine.cluster import ClusterUnavailable
 
 
@@ -239,7 +240,7 @@ def resolve(config) -> Runtime:
 
     Must run before any other TensorFlow work in the process: thread counts and
     logical devices can only be set before the runtime initialises. Reads the
-    config's precision, jit_compile, strategy, batch_size, threads,
+    config's precision, jit_compile, strategy, batch_size, threads, tune_malloc,
     deterministic, seed and cpu_devices (see engine.config for each).
 
     Returns:
@@ -269,6 +270,7 @@ def resolve(config) -> Runtime:
                                                              mode=c.mode)
     keras.mixed_precision.set_global_policy(resolved_precision)
     dist = _make_strategy(strategy, len(physical_gpus), cpu_devices, c.collective_timeout)
+    malloc.apply(c.tune_malloc)  # after the strategy: collectives are configured at start-up
 
     replicas = dist.num_replicas_in_sync
     num_workers, worker_index, is_chief = _task(dist)
