@@ -175,12 +175,12 @@ def _threads(pid: int) -> int:
 
 
 def test_threads_stay_bounded_over_a_long_run(tmp_path):
-    """About 150 steps, with validation passes: no thread outlives its collective.
+    """About 100 steps, with validation passes: no thread outlives its collective.
 
     A thread kept per collective reached the ceiling within seconds here; a slower leak shows as
     growth from the first half of the run to the second, which both hold validation passes.
     """
-    procs = _cluster(tmp_path / "run", epochs=12, checkpoint_every_steps=0, eval_every=3)
+    procs = _cluster(tmp_path / "run", epochs=8, checkpoint_every_steps=0, eval_every=2)
     counts = [[] for _ in procs]
     while any(p.poll() is None for p in procs):
         for i, p in enumerate(procs):
@@ -193,7 +193,7 @@ def test_threads_stay_bounded_over_a_long_run(tmp_path):
     codes, outputs = _finish(procs)
     assert codes == [0, 0], outputs
     total = int(outputs[0][0].split(" steps: ")[0].rsplit("to ", 1)[1])
-    assert total >= 130, total
+    assert total >= 90, total
     for c in counts:
         # The sampled stretch from the first training step on (start-up raises the count once).
         first, second = c[len(c) // 3: 2 * len(c) // 3], c[2 * len(c) // 3:]
