@@ -76,15 +76,20 @@ def convert(segmenter: Segmenter, path: str) -> None:
                           f"{str(e).splitlines()[0][:300] if str(e) else ''}); the SavedModel export "
                           "(--export_format=saved_model) still works") from None
     # tf2onnx leaves the batch unnamed and the output's height and width unknown (the graph
-    # resizes to the input's own shape); the SavedModel's signature says [slices, 256, 256, 1].
+    # resizes to the input's own shape), and ONNX Runtime once read [1, 256, 256, 1, 1] for it in a
+    # loaded test run;
+    # the SavedModel's signature says [slices, 256, 256, 1]. `check` then serves it and
+    # compares the shape and values that come out.
     signature = contract()
     for value, (_, _, shape) in ((proto.graph.input[0], signature["inputs"][0]),
                                  (proto.graph.output[0], signature["outputs"][0])):
-        for dim, size in zip(value.type.tensor_type.shape.dim, shape):
+        dims = value.type.tensor_type.shape.dim
+        del dims[:]
+        for size in shape:
             if isinstance(size, str):
-                dim.dim_param = size
+                dims.add().dim_param = size
             else:
-                dim.dim_value = size
+                dims.add().dim_value = size
     onnx.checker.check_model(proto)
     onnx.save(proto, path)
 
@@ -113,6 +118,9 @@ def check(path: str, segmenter: Segmenter, *, seed: int = 0) -> tuple[float, str
     if {k: info[k] for k in ("inputs", "outputs")} != contract():
         raise RunDirError(f"{path}: ONNX Runtime reads the signature {info['inputs']} -> {info['outputs']}, "
                           f"not {contract()}")
+    if served.shape != (len(images), size, size, 1):
+        raise RunDirError(f"{path}: ONNX Runtime returned probabilities of shape {list(served.shape)} for "
+                          f"{len(images)} slices, not {[len(images), size, size, 1]}")
     engine = segmenter.probabilities(images, batch_size=len(images))
     return float(np.abs(served[..., 0] - engine).max()), info["onnxruntime"]
 
