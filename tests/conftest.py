@@ -59,3 +59,19 @@ def lgg_real_data_dir():
     if not os.path.isdir(path):
         pytest.fail(f"LGG_DATA_DIR={path} is not a directory")
     return pathlib.Path(path)
+
+
+# The files that take longest, longest first (seconds in a full run on 2 cores): with two xdist
+# workers taking whole files (--dist loadfile), they start at once and the short files fill in
+# around them, instead of one of them running alone at the end. The rest keep their order.
+LONGEST_FIRST = ("test_multi_worker.py", "test_training_loop.py", "test_real_quality.py", "test_safety.py",
+                 "test_precision.py", "test_run_folder_safety.py", "test_resume.py", "test_benchmark.py",
+                 "test_owned_files.py", "test_refusals.py", "test_user_files.py", "test_malloc.py",
+                 "test_nifti.py", "test_export.py", "test_checkpoint.py", "test_records.py",
+                 "test_policies.py", "test_onnx.py", "test_distribute.py", "test_recipe.py",
+                 "test_tensorboard.py")
+
+
+def pytest_collection_modifyitems(config, items):
+    rank = {name: i for i, name in enumerate(LONGEST_FIRST)}
+    items.sort(key=lambda item: rank.get(item.path.name, len(LONGEST_FIRST)))
