@@ -61,15 +61,16 @@ def lgg_real_data_dir():
     return pathlib.Path(path)
 
 
-# The files that take longest, longest first (seconds in a full run on 2 cores): with two xdist
-# workers taking whole files (--dist loadfile), they start at once and the short files fill in
-# around them, instead of one of them running alone at the end. The rest keep their order.
-LONGEST_FIRST = ("test_multi_worker.py", "test_training_loop.py", "test_real_quality.py", "test_safety.py",
-                 "test_precision.py", "test_run_folder_safety.py", "test_resume.py", "test_benchmark.py",
-                 "test_owned_files.py", "test_refusals.py", "test_user_files.py", "test_malloc.py",
-                 "test_nifti.py", "test_export.py", "test_checkpoint.py", "test_records.py",
-                 "test_policies.py", "test_onnx.py", "test_distribute.py", "test_recipe.py",
-                 "test_tensorboard.py")
+# The files that take longest, longest first (by their time in a full run on 2 cores): with two xdist
+# workers taking whole files in this order (--dist loadfile --no-loadscope-reorder), the short
+# files fill in around the long ones, instead of one long file running alone at the end. The rest
+# keep their order.
+LONGEST_FIRST = ("test_multi_worker.py", "test_safety.py", "test_training_loop.py", "test_benchmark.py",
+                 "test_resume.py", "test_precision.py", "test_real_quality.py", "test_run_folder_safety.py",
+                 "test_refusals.py", "test_owned_files.py", "test_user_files.py", "test_nifti.py",
+                 "test_checkpoint.py", "test_export.py", "test_recipe.py", "test_records.py",
+                 "test_malloc.py", "test_policies.py", "test_onnx.py", "test_tensorboard.py",
+                 "test_distribute.py")
 
 
 def pytest_collection_modifyitems(config, items):
