@@ -6,6 +6,7 @@ import dataclasses
 import functools
 import json
 import os
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -120,6 +121,22 @@ def _invoke(args: list[str]) -> subprocess.CompletedProcess:
         keras.mixed_precision.set_global_policy("float32")
         tf_config.disable_op_determinism()
     return subprocess.CompletedProcess(["engine.main", *args], code, out.getvalue(), err.getvalue())
+
+
+def finished_run(folder, **overrides):
+    """A finished 2-epoch tiny run (tiny_config with `overrides`) in folder/run, for a module's
+    tests to copy and change."""
+    run_dir = folder / "run"
+    run_engine(config_flags(tiny_config(run_dir, **overrides)), check=True)
+    return run_dir
+
+
+def copy_run(run_dir, tmp_path):
+    """A copy of a run folder at tmp_path/run, without its lock file."""
+    target = tmp_path / "run"
+    shutil.copytree(run_dir, target)
+    os.remove(target / ".lock")
+    return target
 
 
 def read_history(run_dir) -> list[dict]:

@@ -13,7 +13,8 @@ import numpy as np
 import pytest
 import tifffile
 
-from tests.helpers import REPO, model_only_config, config_flags, pointwise_model, run_engine
+from tests.helpers import (REPO, config_flags, copy_run, finished_run, model_only_config, pointwise_model,
+                           run_engine)
 
 
 def _error_lines(stderr: str) -> list[str]:
@@ -128,18 +129,7 @@ TINY = dict(image_size=32, base_filters=4, depth=2, batch_size=8, num_overlays=0
 @pytest.fixture(scope="module")
 def finished(tmp_path_factory):
     """A finished 2-epoch tiny run, copied by each test that changes it."""
-    from tests.helpers import tiny_config
-
-    run_dir = tmp_path_factory.mktemp("finished") / "run"
-    run_engine(config_flags(tiny_config(run_dir, **TINY)), check=True)
-    return run_dir
-
-
-def _copy(finished, tmp_path):
-    target = tmp_path / "run"
-    shutil.copytree(finished, target)
-    os.remove(target / ".lock")
-    return target
+    return finished_run(tmp_path_factory.mktemp("finished"), **TINY)
 
 
 def _train_again(run_dir, **overrides):
@@ -159,7 +149,7 @@ def _evaluate(run_dir, *flags):
                                           ("neighbours", 1.0), ("learning_rate", None)])
 def test_a_config_json_field_of_the_wrong_type_is_named_and_nothing_is_written(finished, tmp_path,
                                                                                  field, value):
-    run_dir = _copy(finished, tmp_path)
+    run_dir = copy_run(finished, tmp_path)
     stored = json.loads((run_dir / "config.json").read_text())
     stored["config"][field] = value
     (run_dir / "config.json").write_text(json.dumps(stored))
@@ -172,7 +162,7 @@ def test_a_config_json_field_of_the_wrong_type_is_named_and_nothing_is_written(f
 
 @pytest.mark.parametrize("epoch", ["2", None, 0, True])
 def test_a_history_epoch_that_is_not_a_positive_integer_is_named(finished, tmp_path, epoch):
-    run_dir = _copy(finished, tmp_path)
+    run_dir = copy_run(finished, tmp_path)
     lines = (run_dir / "history.jsonl").read_text().splitlines()
     last = json.loads(lines[-1])
     (run_dir / "history.jsonl").write_text("\n".join(lines[:-1] + [json.dumps({**last, "epoch": epoch})]) + "\n")
@@ -189,7 +179,7 @@ def test_a_checkpoint_pointing_nowhere_is_a_flag_error(finished, tmp_path):
 
 @pytest.mark.parametrize("text", ["", '{"members": ["final_model.keras"], "thresh'])
 def test_an_empty_or_truncated_inference_json_exits_2(finished, tmp_path, text):
-    run_dir = _copy(finished, tmp_path)
+    run_dir = copy_run(finished, tmp_path)
     (run_dir / "inference.json").write_text(text)
     before = _tree(run_dir)
     _one_line(_evaluate(run_dir), str(run_dir / "inference.json"))
@@ -221,7 +211,7 @@ def test_exporting_again_keeps_the_users_files_inside_the_export(finished, tmp_p
 def test_overwrite_keeps_the_users_files_inside_saved_model(finished, tmp_path):
     from tests.helpers import tiny_config
 
-    run_dir = _copy(finished, tmp_path)
+    run_dir = copy_run(finished, tmp_path)
     run_engine([f"--model_dir={run_dir}", "--mode=export", "--precision=float32"], check=True)
     (run_dir / "saved_model" / "notes.txt").write_text("mine")
     run_engine(config_flags(tiny_config(run_dir, **{**TINY, "epochs": 1, "overwrite": True})), check=True)
@@ -230,7 +220,7 @@ def test_overwrite_keeps_the_users_files_inside_saved_model(finished, tmp_path):
 
 
 def test_evaluate_never_replaces_a_report_it_did_not_write(finished, tmp_path):
-    run_dir = _copy(finished, tmp_path)
+    run_dir = copy_run(finished, tmp_path)
     (run_dir / "eval_test.md").write_text("my own notes on the test split")
     before = _tree(run_dir)
     _one_line(_evaluate(run_dir), str(run_dir / "eval_test.md"))
@@ -242,7 +232,7 @@ def test_evaluate_never_replaces_a_report_it_did_not_write(finished, tmp_path):
 
 
 def test_evaluate_with_only_model_dir_scores_the_runs_own_test_split(finished, tmp_path):
-    run_dir = _copy(finished, tmp_path)
+    run_dir = copy_run(finished, tmp_path)
     proc = run_engine([f"--model_dir={run_dir}", "--mode=evaluate", "--precision=float32"])
     assert proc.returncode == 0, proc.stdout + proc.stderr
     report = json.loads((run_dir / "eval_test.json").read_text())

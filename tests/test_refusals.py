@@ -11,7 +11,8 @@ import pytest
 
 from engine import folds
 from engine.config import Config
-from tests.helpers import config_flags, read_history, run_engine, synthetic_dir, tiny_config
+from tests.helpers import (config_flags, copy_run, finished_run, read_history, run_engine, synthetic_dir,
+                           tiny_config)
 
 TINY = dict(image_size=32, base_filters=4, depth=2, batch_size=8)
 
@@ -37,20 +38,11 @@ def _snapshot(folder) -> dict:
 @pytest.fixture(scope="module")
 def finished(tmp_path_factory):
     """A finished 2-epoch tiny run, copied by each test that changes it."""
-    run_dir = tmp_path_factory.mktemp("finished") / "run"
-    run_engine(config_flags(tiny_config(run_dir, **TINY)), check=True)
-    return run_dir
-
-
-def _copy(finished, tmp_path):
-    target = tmp_path / "run"
-    shutil.copytree(finished, target)
-    os.remove(target / ".lock")
-    return target
+    return finished_run(tmp_path_factory.mktemp("finished"), **TINY)
 
 
 def test_resuming_with_another_batch_size_is_refused_by_name(finished, tmp_path):
-    run_dir = _copy(finished, tmp_path)
+    run_dir = copy_run(finished, tmp_path)
     before = _snapshot(run_dir)
     proc = run_engine(config_flags(tiny_config(run_dir, **{**TINY, "batch_size": 4}, epochs=3)))
     assert proc.returncode == 2 and "--batch_size: run has 8, flags say 4" in proc.stderr, proc.stderr
@@ -60,7 +52,7 @@ def test_resuming_with_another_batch_size_is_refused_by_name(finished, tmp_path)
 
 @pytest.mark.slow
 def test_a_finished_run_whose_checkpoints_were_deleted_stays_finished(finished, tmp_path):
-    run_dir = _copy(finished, tmp_path)
+    run_dir = copy_run(finished, tmp_path)
     shutil.rmtree(run_dir / "checkpoints")
     before = _snapshot(run_dir)
     proc = run_engine(config_flags(tiny_config(run_dir, **TINY)))
@@ -72,7 +64,7 @@ def test_a_finished_run_whose_checkpoints_were_deleted_stays_finished(finished, 
 
 
 def test_checkpoints_replaced_by_a_file_is_refused_before_the_final_model_goes(finished, tmp_path):
-    run_dir = _copy(finished, tmp_path)
+    run_dir = copy_run(finished, tmp_path)
     shutil.rmtree(run_dir / "checkpoints")
     (run_dir / "checkpoints").write_text("not a folder")
     before = _snapshot(run_dir)
@@ -166,7 +158,7 @@ def test_tf_config_that_is_not_json_is_one_line():
                                           ("members", ["../../elsewhere.keras"]), ("normalize", "zscore"),
                                           ("neighbours", 2.5), ("surprise", 1)])
 def test_an_inference_json_with_a_bad_field_is_named(finished, tmp_path, field, value):
-    run_dir = _copy(finished, tmp_path)
+    run_dir = copy_run(finished, tmp_path)
     spec = json.loads((run_dir / "inference.json").read_text())
     (run_dir / "inference.json").write_text(json.dumps({**spec, field: value}))
     proc = run_engine([f"--model_dir={run_dir}", "--mode=evaluate", "--split=test", "--precision=float32"])
@@ -229,7 +221,7 @@ def test_export_onto_a_full_disk_is_one_line_and_keeps_the_previous_export(finis
 
 @pytest.mark.slow
 def test_a_run_killed_between_its_first_record_and_its_first_save_trains_again(finished, tmp_path):
-    run_dir = _copy(finished, tmp_path)
+    run_dir = copy_run(finished, tmp_path)
     shutil.rmtree(run_dir / "checkpoints")
     os.remove(run_dir / "final_model.keras")
     lines = (run_dir / "history.jsonl").read_text().splitlines()
